@@ -1,0 +1,213 @@
+"""Triton kernels for the fused steering op and their launchers.
+
+Rows x (N, D) contiguous; W, V (E, D) and b (E,) in fp32 or x's dtype; s a (1,) fp32 tensor read on device.
+
+Forward, one program per BLOCK_M rows, two sweeps over D in BLOCK_D columns:
+  1. logits += x_blk · W_blkᵀ  (tensor-core dot; E padded to E_PAD ≥ 16 with masked experts)
+     then an fp32 softmax over the E real experts → g (BLOCK_M, E_PAD), stored when asked;
+  2. y_blk = x_blk + s · g · V_blk, stored in x's dtype.
+  The second sweep re-reads the program's own rows (BLOCK_M·D elements, a few tens of KB) right after the
+  first, so it is served by L2: HBM sees x read once and y written once.
+
+Backward, a persistent grid of P programs, each looping over row blocks:
+  1. u = dy · Vᵀ; dlogits = g ⊙ (s·u − Σ_e g·s·u); db, ds accumulate in registers;
+  2. per D block: x = y − s·g·V (recomputed, x is never saved), dx = dy + dlogits · W (stored),
+     and the program's own fp32 partials dW_p += dlogitsᵀ · x, dV_p += s · gᵀ · dy (read-modify-write of a
+     private (E, D) slice that stays in L2).
+  The P partials are summed in a fixed order afterwards: gradients are bitwise deterministic for a given
+  device (no float atomics).
+
+Cost per call (E experts, N rows, elem = bytes per element of x):
+  forward  ≈ 4·N·D·E FLOPs, minimum bytes 2·N·D·elem (+ N·E·4 for the gating);
+  backward ≈ 8·N·D·E FLOPs, minimum bytes 3·N·D·elem + N·E·4 (+ P·E·D·8 for the partials).
+At E=8, bf16 this is about 8 FLOP/byte: memory-bound on every current GPU.
+
+Dot precision: "ieee" fp32 for fp32 x; "tf32" otherwise (bf16 and fp16 values are exact in tf32, so only
+W, V and g are rounded, to 10 mantissa bits, below the 8 bits y keeps in bf16).
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_M_FWD = 32
+BLOCK_M_BWD = 32
+NUM_WARPS = 4
+INTERPRETER_PROGRAMS = 3  # persistent backward grid under TRITON_INTERPRET (CPU)
+
+
+@triton.jit
+def _steer_fwd_kernel(X, W, B, V, S, Y, G, N, D,
+                      E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, STORE_GATING: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    row_off = rows.to(tl.int64)[:, None] * D
+    experts = tl.arange(0, E_PAD)
+    expert_ok = experts < E
+
+    logits = tl.zeros((BLOCK_M, E_PAD), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        x = tl.load(X + row_off + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        w_t = tl.load(W + experts[None, :] * D + cols[:, None], mask=col_ok[:, None] & expert_ok[None, :],
+                      other=0.0)
+        logits += tl.dot(x.to(tl.float32), w_t.to(tl.float32), input_precision=PRECISION)
+    if HAS_BIAS:
+        logits += tl.load(B + experts, mask=expert_ok, other=0.0).to(tl.float32)[None, :]
+    logits = tl.where(expert_ok[None, :], logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    g = p / tl.sum(p, axis=1)[:, None]
+    if STORE_GATING:
+        tl.store(G + rows.to(tl.int64)[:, None] * E + experts[None, :], g,
+                 mask=row_ok[:, None] & expert_ok[None, :])
+
+    s = tl.load(S).to(tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(V + experts[:, None] * D + cols[None, :], mask=expert_ok[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        y = x + s * tl.dot(g, v, input_precision=PRECISION)
+        tl.store(Y + row_off + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _steer_bwd_kernel(DY, Y, G, W, V, S, DX, DW_PART, DV_PART, DB_PART, DS_PART, N, D,
+                      E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    experts = tl.arange(0, E_PAD)
+    expert_ok = experts < E
+    s = tl.load(S).to(tl.float32)
+    part_off = pid.to(tl.int64) * E * D
+    db_acc = tl.zeros((E_PAD,), dtype=tl.float32)
+    ds_acc = tl.zeros((E_PAD,), dtype=tl.float32)
+
+    for block in range(pid, tl.cdiv(N, BLOCK_M), num_programs):
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        row_off = rows.to(tl.int64)[:, None] * D
+        g = tl.load(G + rows.to(tl.int64)[:, None] * E + experts[None, :],
+                    mask=row_ok[:, None] & expert_ok[None, :], other=0.0)
+
+        u = tl.zeros((BLOCK_M, E_PAD), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            dy = tl.load(DY + row_off + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            v_t = tl.load(V + experts[None, :] * D + cols[:, None], mask=col_ok[:, None] & expert_ok[None, :],
+                          other=0.0)
+            u += tl.dot(dy.to(tl.float32), v_t.to(tl.float32), input_precision=PRECISION)
+        dg = s * u
+        dlogits = g * (dg - tl.sum(g * dg, axis=1)[:, None])
+        db_acc += tl.sum(dlogits, axis=0)
+        ds_acc += tl.sum(g * u, axis=0)
+
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            mask = row_ok[:, None] & col_ok[None, :]
+            dy = tl.load(DY + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(Y + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            param_off = experts[:, None] * D + cols[None, :]
+            param_ok = expert_ok[:, None] & col_ok[None, :]
+            v = tl.load(V + param_off, mask=param_ok, other=0.0).to(tl.float32)
+            w = tl.load(W + param_off, mask=param_ok, other=0.0).to(tl.float32)
+            x = y - s * tl.dot(g, v, input_precision=PRECISION)
+            dx = dy + tl.dot(dlogits, w, input_precision=PRECISION)
+            tl.store(DX + row_off + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+            part_ok = param_ok & (tl.zeros_like(param_off) + block > pid)  # first row block initialises
+            dw = tl.load(DW_PART + part_off + param_off, mask=part_ok, other=0.0)
+            dw += tl.dot(tl.trans(dlogits), x, input_precision=PRECISION)
+            tl.store(DW_PART + part_off + param_off, dw, mask=param_ok)
+            dv = tl.load(DV_PART + part_off + param_off, mask=part_ok, other=0.0)
+            dv += s * tl.dot(tl.trans(g), dy, input_precision=PRECISION)
+            tl.store(DV_PART + part_off + param_off, dv, mask=param_ok)
+
+    tl.store(DB_PART + pid * E + experts, db_acc, mask=expert_ok)
+    tl.store(DS_PART + pid, tl.sum(ds_acc, axis=0))
+
+
+def _expert_pad(num_experts: int) -> int:
+    return max(16, triton.next_power_of_2(num_experts))
+
+
+def _block_d(dim: int, dtype: torch.dtype, num_experts: int) -> int:
+    width = 64 if dtype == torch.float32 or num_experts > 16 else 128
+    return max(16, min(width, triton.next_power_of_2(dim)))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _device_guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _NullGuard()
+
+
+class _NullGuard:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _num_programs(t: Tensor, num_blocks: int) -> int:
+    if t.is_cuda:
+        cap = torch.cuda.get_device_properties(t.device).multi_processor_count
+    else:
+        cap = INTERPRETER_PROGRAMS
+    return max(1, min(num_blocks, cap))
+
+
+def steer_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Tensor, scale: Tensor,
+                  save_gating: bool) -> Tuple[Tensor, Tensor]:
+    """x (N, D) contiguous → y (N, D) in x.dtype, gating (N, E) fp32 ((0, E) unless ``save_gating``)."""
+    n, d = x.shape
+    e = weight.shape[0]
+    y = torch.empty_like(x)
+    gating = torch.empty((n if save_gating else 0, e), dtype=torch.float32, device=x.device)
+    if n == 0:
+        return y, gating
+    grid = (triton.cdiv(n, BLOCK_M_FWD),)
+    with _device_guard(x):
+        _steer_fwd_kernel[grid](
+            x, weight, bias if bias is not None else weight, vectors, scale, y, gating, n, d,
+            E=e, E_PAD=_expert_pad(e), BLOCK_M=BLOCK_M_FWD, BLOCK_D=_block_d(d, x.dtype, e),
+            HAS_BIAS=bias is not None, STORE_GATING=save_gating, PRECISION=_precision(x.dtype),
+            num_warps=NUM_WARPS)
+    return y, gating
+
+
+def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, vectors: Tensor,
+                   scale: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dy, y (N, D), gating (N, E) → dx (N, D) in y.dtype; fp32 dW (E, D), db (E,), dV (E, D), ds (1,)."""
+    n, d = y.shape
+    e = weight.shape[0]
+    dx = torch.empty_like(y)
+    programs = _num_programs(y, triton.cdiv(n, BLOCK_M_BWD))
+    f32 = dict(dtype=torch.float32, device=y.device)
+    dw_part = torch.empty((programs, e, d), **f32)
+    dv_part = torch.empty((programs, e, d), **f32)
+    db_part = torch.empty((programs, e), **f32)
+    ds_part = torch.empty((programs,), **f32)
+    if n == 0:
+        zero = torch.zeros((e, d), **f32)
+        return dx, zero, torch.zeros((e,), **f32), zero.clone(), torch.zeros((1,), **f32)
+    with _device_guard(y):
+        _steer_bwd_kernel[(programs,)](
+            grad_y, y, gating, weight, vectors, scale, dx, dw_part, dv_part, db_part, ds_part, n, d,
+            E=e, E_PAD=_expert_pad(e), BLOCK_M=BLOCK_M_BWD, BLOCK_D=_block_d(d, y.dtype, e),
+            PRECISION=_precision(y.dtype), num_warps=NUM_WARPS)
+    return dx, dw_part.sum(0), db_part.sum(0), dv_part.sum(0), ds_part.sum(0, keepdim=True)

@@ -1,0 +1,27 @@
+"""Thin Python interface over the CUDA C++ fallback in ``csrc/`` (built as ``steermoe._C``).
+
+Importing ``steermoe._C`` registers ``torch.ops.steermoe.cuda_forward`` and ``torch.ops.steermoe.cuda_backward``
+(schemas in ``csrc/steer_ops.cpp``); when it is missing or broken, ``UNAVAILABLE_REASON`` says why.
+"""
+import importlib
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+try:
+    importlib.import_module("steermoe._C")  # registers the ops
+    UNAVAILABLE_REASON: Optional[str] = None
+except (ImportError, OSError) as err:
+    UNAVAILABLE_REASON = (f"the CUDA extension steermoe._C is not available ({err}); build it with "
+                          "STEERMOE_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+
+
+def steer_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Tensor, scale: Tensor,
+                  save_gating: bool) -> Tuple[Tensor, Tensor]:
+    return torch.ops.steermoe.cuda_forward(x, weight, bias, vectors, scale, save_gating)
+
+
+def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, vectors: Tensor,
+                   scale: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return torch.ops.steermoe.cuda_backward(grad_y, y, gating, weight, vectors, scale)
