@@ -22,8 +22,9 @@ Cost per call (E experts, N rows, elem = bytes per element of x):
   backward ≈ 8·N·D·E FLOPs, minimum bytes 3·N·D·elem + N·E·4 (+ P·E·D·8 for the partials).
 At E=8, bf16 this is about 8 FLOP/byte: memory-bound on every current GPU.
 
-Dot precision: "ieee" fp32 for fp32 x; "tf32" otherwise (bf16 and fp16 values are exact in tf32, so only
-W, V and g are rounded, to 10 mantissa bits, below the 8 bits y keeps in bf16).
+Products run on tensor cores with fp32 accumulation: bf16 operands for bf16 x (W, V, g and dlogits are rounded
+to bf16 inside the products, as under autocast), exact fp32 for fp32 x, tf32 for fp16 x (fp16 values are exact in
+tf32). Softmax, its gradient and every sum are fp32.
 """
 import os
 from typing import Optional, Tuple
@@ -33,16 +34,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_M_FWD = 32
-BLOCK_M_BWD = 32
-NUM_WARPS = 4
 INTERPRETER_PROGRAMS = 3  # persistent backward grid under TRITON_INTERPRET (CPU)
 
 
 @triton.jit
 def _steer_fwd_kernel(X, W, B, V, S, Y, G, N, D,
                       E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, STORE_GATING: tl.constexpr, PRECISION: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, STORE_GATING: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -57,7 +55,7 @@ def _steer_fwd_kernel(X, W, B, V, S, Y, G, N, D,
         x = tl.load(X + row_off + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         w_t = tl.load(W + experts[None, :] * D + cols[:, None], mask=col_ok[:, None] & expert_ok[None, :],
                       other=0.0)
-        logits += tl.dot(x.to(tl.float32), w_t.to(tl.float32), input_precision=PRECISION)
+        logits += tl.dot(x.to(DOT), w_t.to(DOT), input_precision=PRECISION)
     if HAS_BIAS:
         logits += tl.load(B + experts, mask=expert_ok, other=0.0).to(tl.float32)[None, :]
     logits = tl.where(expert_ok[None, :], logits, float("-inf"))
@@ -75,14 +73,14 @@ def _steer_fwd_kernel(X, W, B, V, S, Y, G, N, D,
         x = tl.load(X + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         v = tl.load(V + experts[:, None] * D + cols[None, :], mask=expert_ok[:, None] & col_ok[None, :],
                     other=0.0).to(tl.float32)
-        y = x + s * tl.dot(g, v, input_precision=PRECISION)
+        y = x + s * tl.dot(g.to(DOT), v.to(DOT), input_precision=PRECISION)
         tl.store(Y + row_off + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _steer_bwd_kernel(DY, Y, G, W, V, S, DX, DW_PART, DV_PART, DB_PART, DS_PART, N, D,
                       E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      DOT: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     experts = tl.arange(0, E_PAD)
@@ -106,7 +104,7 @@ def _steer_bwd_kernel(DY, Y, G, W, V, S, DX, DW_PART, DV_PART, DB_PART, DS_PART,
             dy = tl.load(DY + row_off + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             v_t = tl.load(V + experts[None, :] * D + cols[:, None], mask=col_ok[:, None] & expert_ok[None, :],
                           other=0.0)
-            u += tl.dot(dy.to(tl.float32), v_t.to(tl.float32), input_precision=PRECISION)
+            u += tl.dot(dy.to(DOT), v_t.to(DOT), input_precision=PRECISION)
         dg = s * u
         dlogits = g * (dg - tl.sum(g * dg, axis=1)[:, None])
         db_acc += tl.sum(dlogits, axis=0)
@@ -122,16 +120,16 @@ def _steer_bwd_kernel(DY, Y, G, W, V, S, DX, DW_PART, DV_PART, DB_PART, DS_PART,
             param_ok = expert_ok[:, None] & col_ok[None, :]
             v = tl.load(V + param_off, mask=param_ok, other=0.0).to(tl.float32)
             w = tl.load(W + param_off, mask=param_ok, other=0.0).to(tl.float32)
-            x = y - s * tl.dot(g, v, input_precision=PRECISION)
-            dx = dy + tl.dot(dlogits, w, input_precision=PRECISION)
+            x = y - s * tl.dot(g.to(DOT), v.to(DOT), input_precision=PRECISION)
+            dx = dy + tl.dot(dlogits.to(DOT), w.to(DOT), input_precision=PRECISION)
             tl.store(DX + row_off + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
             part_ok = param_ok & (tl.zeros_like(param_off) + block > pid)  # first row block initialises
             dw = tl.load(DW_PART + part_off + param_off, mask=part_ok, other=0.0)
-            dw += tl.dot(tl.trans(dlogits), x, input_precision=PRECISION)
+            dw += tl.dot(tl.trans(dlogits).to(DOT), x.to(DOT), input_precision=PRECISION)
             tl.store(DW_PART + part_off + param_off, dw, mask=param_ok)
             dv = tl.load(DV_PART + part_off + param_off, mask=part_ok, other=0.0)
-            dv += s * tl.dot(tl.trans(g), dy, input_precision=PRECISION)
+            dv += s * tl.dot(tl.trans(g).to(DOT), dy.to(DOT), input_precision=PRECISION)
             tl.store(DV_PART + part_off + param_off, dv, mask=param_ok)
 
     tl.store(DB_PART + pid * E + experts, db_acc, mask=expert_ok)
@@ -142,13 +140,28 @@ def _expert_pad(num_experts: int) -> int:
     return max(16, triton.next_power_of_2(num_experts))
 
 
-def _block_d(dim: int, dtype: torch.dtype, num_experts: int) -> int:
-    width = 64 if dtype == torch.float32 or num_experts > 16 else 128
-    return max(16, min(width, triton.next_power_of_2(dim)))
+def _dot_dtype(dtype: torch.dtype):
+    """Operand type of the tensor-core products: bf16 for bf16 x (as under autocast), else fp32."""
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float32
 
 
 def _precision(dtype: torch.dtype) -> str:
+    """fp32 products: exact ("ieee") for fp32 x; "tf32" for fp16 x, whose values tf32 holds exactly."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def launch_config(kernel: str, dim: int, dtype: torch.dtype, num_experts: int) -> dict:
+    """Block sizes and launch options of ``kernel`` ("forward" | "backward") for rows of width ``dim``.
+
+    Every combination is compiled for sm_80 and sm_90 by tests/test_kernels_aot.py, which asserts no spills.
+    """
+    e_pad = _expert_pad(num_experts)
+    block_d = 64 if kernel == "forward" else 32
+    if dtype == torch.float32 and e_pad >= 64:  # exact fp32 products hold more registers
+        block_d //= 2
+    return dict(E=num_experts, E_PAD=e_pad, BLOCK_M=32,
+                BLOCK_D=max(16, min(block_d, triton.next_power_of_2(dim))),
+                DOT=_dot_dtype(dtype), PRECISION=_precision(dtype), num_warps=8, num_stages=1)
 
 
 def _device_guard(t: Tensor):
@@ -180,13 +193,11 @@ def steer_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Te
     gating = torch.empty((n if save_gating else 0, e), dtype=torch.float32, device=x.device)
     if n == 0:
         return y, gating
-    grid = (triton.cdiv(n, BLOCK_M_FWD),)
+    config = launch_config("forward", d, x.dtype, e)
     with _device_guard(x):
-        _steer_fwd_kernel[grid](
+        _steer_fwd_kernel[(triton.cdiv(n, config["BLOCK_M"]),)](
             x, weight, bias if bias is not None else weight, vectors, scale, y, gating, n, d,
-            E=e, E_PAD=_expert_pad(e), BLOCK_M=BLOCK_M_FWD, BLOCK_D=_block_d(d, x.dtype, e),
-            HAS_BIAS=bias is not None, STORE_GATING=save_gating, PRECISION=_precision(x.dtype),
-            num_warps=NUM_WARPS)
+            HAS_BIAS=bias is not None, STORE_GATING=save_gating, **config)
     return y, gating
 
 
@@ -196,7 +207,8 @@ def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, ve
     n, d = y.shape
     e = weight.shape[0]
     dx = torch.empty_like(y)
-    programs = _num_programs(y, triton.cdiv(n, BLOCK_M_BWD))
+    config = launch_config("backward", d, y.dtype, e)
+    programs = _num_programs(y, triton.cdiv(n, config["BLOCK_M"]))
     f32 = dict(dtype=torch.float32, device=y.device)
     dw_part = torch.empty((programs, e, d), **f32)
     dv_part = torch.empty((programs, e, d), **f32)
@@ -207,7 +219,5 @@ def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, ve
         return dx, zero, torch.zeros((e,), **f32), zero.clone(), torch.zeros((1,), **f32)
     with _device_guard(y):
         _steer_bwd_kernel[(programs,)](
-            grad_y, y, gating, weight, vectors, scale, dx, dw_part, dv_part, db_part, ds_part, n, d,
-            E=e, E_PAD=_expert_pad(e), BLOCK_M=BLOCK_M_BWD, BLOCK_D=_block_d(d, y.dtype, e),
-            PRECISION=_precision(y.dtype), num_warps=NUM_WARPS)
+            grad_y, y, gating, weight, vectors, scale, dx, dw_part, dv_part, db_part, ds_part, n, d, **config)
     return dx, dw_part.sum(0), db_part.sum(0), dv_part.sum(0), ds_part.sum(0, keepdim=True)

@@ -1,0 +1,91 @@
+"""Ahead-of-time compile of every steering kernel for real GPU targets, with register and spill counts.
+
+Needs no GPU: ``python -m steermoe.kernels.aot [--arch 80 90] [--dim 1280]`` prints one JSON line per
+(kernel, x dtype, E, arch) with the launch configuration the launchers use and cuobjdump's resource usage
+(REG registers per thread; LOCAL or STACK above 0 means spills). Run it with TRITON_INTERPRET unset: under
+the interpreter the decorated kernels are not compilable objects.
+"""
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import warnings
+from typing import Dict, Iterator
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import steer as kernels
+
+X_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+EXPERTS = (1, 8, 33, 64)
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def _signature(kernel: str, x_dtype: torch.dtype) -> Dict[str, str]:
+    x, f32 = POINTER[x_dtype], "*fp32"
+    if kernel == "forward":
+        return dict(X=x, W=f32, B=f32, V=f32, S=f32, Y=x, G=f32, N="i32", D="i32")
+    return dict(DY=x, Y=x, G=f32, W=f32, V=f32, S=f32, DX=x, DW_PART=f32, DV_PART=f32, DB_PART=f32,
+                DS_PART=f32, N="i32", D="i32")
+
+
+def cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> Dict[str, int]:
+    """cuobjdump --dump-resource-usage of one cubin as {"REG": .., "STACK": .., "LOCAL": .., "SHARED": ..}."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    line = next(l for l in out.splitlines() if "REG:" in l)
+    pairs = (field.split(":") for field in line.split() if ":" in field)
+    return {k: int(v) for k, v in pairs if v.isdigit()}
+
+
+def compile_kernel(kernel: str, x_dtype: torch.dtype, num_experts: int, arch: int, dim: int) -> dict:
+    """Compile one launch configuration for ``sm_{arch}``; returns the config and its resource usage."""
+    config = kernels.launch_config(kernel, dim, x_dtype, num_experts)
+    options = {k: config.pop(k) for k in LAUNCH_OPTIONS}
+    fn = kernels._steer_fwd_kernel if kernel == "forward" else kernels._steer_bwd_kernel
+    if kernel == "forward":
+        config.update(HAS_BIAS=True, STORE_GATING=True)
+    signature = _signature(kernel, x_dtype)
+    signature.update({name: "constexpr" for name in config})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=config),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+    shown = {k: (str(v) if not isinstance(v, (int, str)) else v) for k, v in config.items()}
+    return dict(kernel=kernel, dtype=str(x_dtype).replace("torch.", ""), experts=num_experts, arch=arch, dim=dim,
+                config=shown, **options, ptx_bytes=len(compiled.asm["ptx"]), **resource_usage(compiled.asm["cubin"]))
+
+
+def compile_all(archs=(80, 90), dim: int = 1280) -> Iterator[dict]:
+    for kernel in ("forward", "backward"):
+        for x_dtype in X_DTYPES.values():
+            for num_experts in EXPERTS:
+                for arch in archs:
+                    yield compile_kernel(kernel, x_dtype, num_experts, arch, dim)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
+    parser.add_argument("--dim", type=int, default=1280, help="hidden size D (row width)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")
+    for row in compile_all(tuple(args.arch), args.dim):
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
