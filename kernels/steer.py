@@ -22,9 +22,9 @@ Cost per call (E experts, N rows, elem = bytes per element of x):
   backward ≈ 8·N·D·E FLOPs, minimum bytes 3·N·D·elem + N·E·4 (+ P·E·D·8 for the partials).
 At E=8, bf16 this is about 8 FLOP/byte: memory-bound on every current GPU.
 
-Products run on tensor cores with fp32 accumulation: bf16 operands for bf16 x (W, V, g and dlogits are rounded
-to bf16 inside the products, as under autocast), exact fp32 for fp32 x, tf32 for fp16 x (fp16 values are exact in
-tf32). Softmax, its gradient and every sum are fp32.
+Products run on tensor cores with fp32 operands and accumulation: exact ("ieee") for fp32 x, tf32 for bf16 and
+fp16 x (their values are exact in tf32, so only W, V, g and dlogits are rounded, to 10 mantissa bits, finer
+than the 8 bits a bf16 y keeps). Softmax, its gradient and every sum are fp32.
 """
 import os
 from typing import Optional, Tuple
@@ -40,7 +40,7 @@ INTERPRETER_PROGRAMS = 3  # persistent backward grid under TRITON_INTERPRET (CPU
 @triton.jit
 def _steer_fwd_kernel(X, W, B, V, S, Y, G, N, D,
                       E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, STORE_GATING: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, STORE_GATING: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -55,7 +55,7 @@ def _steer_fwd_kernel(X, W, B, V, S, Y, G, N, D,
         x = tl.load(X + row_off + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         w_t = tl.load(W + experts[None, :] * D + cols[:, None], mask=col_ok[:, None] & expert_ok[None, :],
                       other=0.0)
-        logits += tl.dot(x.to(DOT), w_t.to(DOT), input_precision=PRECISION)
+        logits += tl.dot(x.to(tl.float32), w_t.to(tl.float32), input_precision=PRECISION)
     if HAS_BIAS:
         logits += tl.load(B + experts, mask=expert_ok, other=0.0).to(tl.float32)[None, :]
     logits = tl.where(expert_ok[None, :], logits, float("-inf"))
@@ -73,14 +73,14 @@ def _steer_fwd_kernel(X, W, B, V, S, Y, G, N, D,
         x = tl.load(X + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         v = tl.load(V + experts[:, None] * D + cols[None, :], mask=expert_ok[:, None] & col_ok[None, :],
                     other=0.0).to(tl.float32)
-        y = x + s * tl.dot(g.to(DOT), v.to(DOT), input_precision=PRECISION)
+        y = x + s * tl.dot(g.to(tl.float32), v.to(tl.float32), input_precision=PRECISION)
         tl.store(Y + row_off + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _steer_bwd_kernel(DY, Y, G, W, V, S, DX, DW_PART, DV_PART, DB_PART, DS_PART, N, D,
                       E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                      DOT: tl.constexpr, PRECISION: tl.constexpr):
+                      PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     experts = tl.arange(0, E_PAD)
@@ -104,7 +104,7 @@ def _steer_bwd_kernel(DY, Y, G, W, V, S, DX, DW_PART, DV_PART, DB_PART, DS_PART,
             dy = tl.load(DY + row_off + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             v_t = tl.load(V + experts[None, :] * D + cols[:, None], mask=col_ok[:, None] & expert_ok[None, :],
                           other=0.0)
-            u += tl.dot(dy.to(DOT), v_t.to(DOT), input_precision=PRECISION)
+            u += tl.dot(dy.to(tl.float32), v_t.to(tl.float32), input_precision=PRECISION)
         dg = s * u
         dlogits = g * (dg - tl.sum(g * dg, axis=1)[:, None])
         db_acc += tl.sum(dlogits, axis=0)
@@ -120,16 +120,16 @@ def _steer_bwd_kernel(DY, Y, G, W, V, S, DX, DW_PART, DV_PART, DB_PART, DS_PART,
             param_ok = expert_ok[:, None] & col_ok[None, :]
             v = tl.load(V + param_off, mask=param_ok, other=0.0).to(tl.float32)
             w = tl.load(W + param_off, mask=param_ok, other=0.0).to(tl.float32)
-            x = y - s * tl.dot(g.to(DOT), v.to(DOT), input_precision=PRECISION)
-            dx = dy + tl.dot(dlogits.to(DOT), w.to(DOT), input_precision=PRECISION)
+            x = y - s * tl.dot(g.to(tl.float32), v.to(tl.float32), input_precision=PRECISION)
+            dx = dy + tl.dot(dlogits.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
             tl.store(DX + row_off + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
             part_ok = param_ok & (tl.zeros_like(param_off) + block > pid)  # first row block initialises
             dw = tl.load(DW_PART + part_off + param_off, mask=part_ok, other=0.0)
-            dw += tl.dot(tl.trans(dlogits).to(DOT), x.to(DOT), input_precision=PRECISION)
+            dw += tl.dot(tl.trans(dlogits).to(tl.float32), x.to(tl.float32), input_precision=PRECISION)
             tl.store(DW_PART + part_off + param_off, dw, mask=param_ok)
             dv = tl.load(DV_PART + part_off + param_off, mask=part_ok, other=0.0)
-            dv += s * tl.dot(tl.trans(g).to(DOT), dy.to(DOT), input_precision=PRECISION)
+            dv += s * tl.dot(tl.trans(g).to(tl.float32), dy.to(tl.float32), input_precision=PRECISION)
             tl.store(DV_PART + part_off + param_off, dv, mask=param_ok)
 
     tl.store(DB_PART + pid * E + experts, db_acc, mask=expert_ok)
@@ -140,13 +140,8 @@ def _expert_pad(num_experts: int) -> int:
     return max(16, triton.next_power_of_2(num_experts))
 
 
-def _dot_dtype(dtype: torch.dtype):
-    """Operand type of the tensor-core products: bf16 for bf16 x (as under autocast), else fp32."""
-    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float32
-
-
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 products: exact ("ieee") for fp32 x; "tf32" for fp16 x, whose values tf32 holds exactly."""
+    """Exact fp32 products ("ieee") for fp32 x; "tf32" for bf16/fp16 x, whose values tf32 holds exactly."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -161,7 +156,7 @@ def launch_config(kernel: str, dim: int, dtype: torch.dtype, num_experts: int) -
         block_d //= 2
     return dict(E=num_experts, E_PAD=e_pad, BLOCK_M=32,
                 BLOCK_D=max(16, min(block_d, triton.next_power_of_2(dim))),
-                DOT=_dot_dtype(dtype), PRECISION=_precision(dtype), num_warps=8, num_stages=1)
+                PRECISION=_precision(dtype), num_warps=8, num_stages=1)
 
 
 def _device_guard(t: Tensor):
