@@ -1,0 +1,448 @@
+"""``SteeredWhisperEncoder``: a frozen transformers ``WhisperEncoder`` with a steering step after each chosen layer.
+
+Per steered layer l (row r of the parameter tensors), with h the layer's output after its residual add:
+
+    h ← h + layer_scales[r] · softmax(h router_weight[r]ᵀ + router_bias[r]) steering_vectors[r]
+
+computed by :func:`steermoe.steer`. Only the four steering tensors train; the Whisper weights are frozen.
+"""
+import inspect
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import WhisperConfig
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from .ops import steer
+
+logger = logging.getLogger(__name__)
+
+STEERING_WEIGHTS_NAME = "steering.safetensors"
+STEERING_CONFIG_NAME = "steering_config.json"
+_STEERING_TENSORS = ("router_weight", "router_bias", "steering_vectors", "layer_scales")
+_ENCODER_PREFIXES = ("model.encoder.", "encoder.", "")
+_WEIGHT_FILES = (("model.safetensors.index.json", "model.safetensors"),
+                 ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+_MASKING_ATTENTION = ("eager", "sdpa")
+
+
+@dataclass
+class SteeredEncoderOutput(BaseModelOutput):
+    """``BaseModelOutput`` plus the steering gates and the encoder-frame mask.
+
+    gating: one (B, T_out, E) float32 tensor per steered layer (``return_gating=True`` only).
+    attention_mask: (B, T_out) long, 1 = real encoder frame (only when an ``attention_mask`` was given).
+    """
+
+    gating: Optional[Tuple[Tensor, ...]] = None
+    attention_mask: Optional[Tensor] = None
+
+
+class SteeredWhisperEncoder(nn.Module):
+    """A frozen Whisper encoder with trainable per-layer steering; a drop-in for ``WhisperEncoder``.
+
+    Trainable float32 parameters (L = number of steered layers, E = ``num_experts``, D = ``d_model``):
+    ``router_weight`` (L, E, D) and ``router_bias`` (L, E), initialised like ``nn.Linear(D, E)``;
+    ``steering_vectors`` (L, E, D) ~ N(0, 0.01²); ``layer_scales`` (L,) = ``steering_scale``.
+
+    Args:
+        encoder: a transformers ``WhisperEncoder``. Its weights are shared, frozen and kept in eval mode
+            (dropout off), also after ``.train()``. Its attention must accept an additive mask (eager or sdpa);
+            another implementation is switched to sdpa where transformers allows it.
+        num_experts: E, steering vectors per layer.
+        steering_scale: initial value of every ``layer_scales`` entry (0 makes the module an exact identity).
+        layers: encoder layer indices to steer (default: all), e.g. ``range(16, 32)``.
+    """
+
+    main_input_name = "input_features"
+
+    def __init__(self, encoder: WhisperEncoder, num_experts: int = 8, steering_scale: float = 0.1,
+                 layers: Optional[Iterable[int]] = None):
+        super().__init__()
+        if not isinstance(encoder, WhisperEncoder):
+            raise TypeError(f"encoder must be a transformers WhisperEncoder; got {type(encoder).__name__}")
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int; got {num_experts!r}")
+        num_layers = len(encoder.layers)
+        steered = list(range(num_layers)) if layers is None else sorted({int(i) for i in layers})
+        if not steered or steered[0] < 0 or steered[-1] >= num_layers:
+            raise ValueError(f"layers must be a non-empty set of encoder layer indices in [0, {num_layers}); "
+                             f"got {None if layers is None else list(layers)}")
+        _use_masking_attention(encoder)
+        encoder.requires_grad_(False)
+        encoder.eval()
+
+        self.encoder = encoder
+        self.config: WhisperConfig = encoder.config
+        self.num_experts = num_experts
+        self.steered_layers: List[int] = steered
+        self.hidden_size = encoder.config.d_model
+        self.gradient_checkpointing = False
+        self._row_of_layer: Dict[int, int] = {layer: row for row, layer in enumerate(steered)}
+        self._layer_takes_head_mask = "layer_head_mask" in inspect.signature(encoder.layers[0].forward).parameters
+
+        n, e, d = len(steered), num_experts, self.hidden_size
+        device = encoder.conv1.weight.device
+        bound = 1.0 / math.sqrt(d)  # nn.Linear's default init: U(-1/√fan_in, 1/√fan_in) for weight and bias
+        self.router_weight = nn.Parameter(torch.empty(n, e, d, device=device).uniform_(-bound, bound))
+        self.router_bias = nn.Parameter(torch.empty(n, e, device=device).uniform_(-bound, bound))
+        self.steering_vectors = nn.Parameter(torch.randn(n, e, d, device=device) * 0.01)
+        self.layer_scales = nn.Parameter(torch.full((n,), float(steering_scale), device=device))
+
+    # ----------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, num_experts: int = 8, steering_scale: float = 0.1,
+                        layers: Optional[Iterable[int]] = None, torch_dtype=None, **kw) -> "SteeredWhisperEncoder":
+        """Load only the encoder of a Whisper checkpoint (local directory or hub id) and wrap it.
+
+        Reads the encoder tensors (``model.encoder.*`` or ``encoder.*``) from ``model.safetensors`` (sharded or not)
+        or, failing that, memory-maps ``pytorch_model.bin``; the decoder's tensors are never loaded.
+
+        Args:
+            torch_dtype: encoder weight dtype: a ``torch.dtype`` or its name; None → float32; ``"auto"`` → as stored.
+            kw: ``attn_implementation`` (``"sdpa"`` default, or ``"eager"``) and hub options
+                (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``subfolder``).
+        """
+        attn_implementation = kw.pop("attn_implementation", "sdpa")
+        if attn_implementation not in _MASKING_ATTENTION:
+            raise ValueError(f"attn_implementation must be one of {_MASKING_ATTENTION} (they take the padding mask); "
+                             f"got {attn_implementation!r}")
+        unknown = sorted(set(kw) - set(_HUB_KWARGS))
+        if unknown:
+            raise TypeError(f"from_pretrained got unexpected keyword arguments {unknown}; accepted: "
+                            f"attn_implementation, {', '.join(_HUB_KWARGS)}")
+        config = WhisperConfig.from_pretrained(name_or_path, **kw)
+        config._attn_implementation = attn_implementation
+        config.name_or_path = name_or_path  # recorded as the source in steering_config.json
+        state = _load_encoder_state(name_or_path, kw)
+        dtype = _resolve_dtype(torch_dtype, state)
+        with torch.device("meta"):
+            encoder = WhisperEncoder(config)
+        encoder.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        return cls(encoder, num_experts=num_experts, steering_scale=steering_scale, layers=layers)
+
+    # ---------------------------------------------------------------------------------- nn.Module API
+    def train(self, mode: bool = True) -> "SteeredWhisperEncoder":
+        """Sets the wrapper's mode; the frozen encoder stays in eval mode (no dropout, no layer drop)."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each frozen layer in backward instead of keeping its activations (steering grads unchanged)."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @property
+    def conv1(self) -> nn.Conv1d:
+        """The encoder's first conv (``WhisperForConditionalGeneration.generate`` reads its stride)."""
+        return self.encoder.conv1
+
+    @property
+    def conv2(self) -> nn.Conv1d:
+        """The encoder's second, stride-2 conv."""
+        return self.encoder.conv2
+
+    @property
+    def max_mel_frames(self) -> int:
+        """Longest accepted mel input: 3000 frames (30 s) for real Whisper checkpoints."""
+        return self.encoder.embed_positions.num_embeddings * self.conv1.stride[0] * self.conv2.stride[0]
+
+    def output_lengths(self, mel_lengths: Tensor) -> Tensor:
+        """Encoder frames per sample for ``mel_lengths`` mel frames (the stride-2 conv halves them, rounding up)."""
+        lengths = mel_lengths
+        for conv in (self.conv1, self.conv2):
+            reach = conv.dilation[0] * (conv.kernel_size[0] - 1) + 1
+            lengths = (lengths + 2 * conv.padding[0] - reach) // conv.stride[0] + 1
+        return lengths
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"steered_layers={self.steered_layers}")
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(self, input_features: Tensor, attention_mask: Optional[Tensor] = None,
+                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
+                return_gating: bool = False, output_attentions: Optional[bool] = None,
+                head_mask: Optional[Tensor] = None, **kwargs) -> Union[SteeredEncoderOutput, Tuple]:
+        """Encode log-mel features, steering after each chosen layer.
+
+        Whisper was pretrained on 30 s windows (3000 mel frames, 1500 encoder frames). A full-length input without
+        ``attention_mask`` reproduces that exactly. Shorter inputs are accepted too (any length up to
+        :attr:`max_mel_frames`) and cost proportionally less; for a padded batch pass ``attention_mask`` and each
+        sample's output equals its output alone: padded mel frames are zeroed, padded encoder frames are masked as
+        attention keys, and ``last_hidden_state`` is zero at padded frames.
+
+        Args:
+            input_features: (B, n_mels, T_mel) log-mel features (cast to the encoder's dtype).
+            attention_mask: (B, T_mel), 1 = real mel frame; right padding only.
+            output_hidden_states: also return, as transformers does, each layer's input (the embeddings, then
+                the previous layer's steered output) and the final layer-normed output: n_layers + 1 tensors.
+            return_dict: False returns a tuple (last_hidden_state, [hidden_states], [gating], [attention_mask]).
+            return_gating: return the per-steered-layer gates, each (B, T_out, E) float32.
+            output_attentions, head_mask: accepted for transformers' callers; only their defaults are supported.
+            kwargs: other transformers keyword arguments (e.g. from ``WhisperModel.forward``); they do not apply.
+
+        Returns:
+            :class:`SteeredEncoderOutput`; ``last_hidden_state`` is (B, T_out, D), T_out = ``output_lengths(T_mel)``.
+        """
+        if output_attentions:
+            raise ValueError("output_attentions=True is not supported by SteeredWhisperEncoder")
+        if head_mask is not None:
+            raise ValueError("head_mask is not supported by SteeredWhisperEncoder; pass None")
+        if output_hidden_states is None:
+            output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
+        return_dict = True if return_dict is None else return_dict
+
+        encoder = self.encoder
+        features = self._check_features(input_features)
+        frame_mask = out_mask = layer_mask = returned_mask = None
+        if attention_mask is not None and not _is_generate_placeholder(attention_mask, features):
+            frame_mask, out_mask = self._frame_masks(attention_mask, features)
+            returned_mask = out_mask.long()
+            if bool(out_mask.all()):          # nothing padded: the unmasked (faster) path is exact
+                frame_mask = out_mask = None
+
+        if frame_mask is not None:
+            features = features * frame_mask[:, None, :].to(features.dtype)
+        h = nn.functional.gelu(encoder.conv1(features))
+        if frame_mask is not None:            # zeros where the sample alone would see conv2's zero padding
+            h = h * frame_mask[:, None, :].to(h.dtype)
+        h = nn.functional.gelu(encoder.conv2(h)).permute(0, 2, 1)
+        h = h + encoder.embed_positions.weight[: h.shape[1]]
+        if out_mask is not None:
+            layer_mask = _additive_key_mask(out_mask, h.dtype)
+
+        all_states: Tuple[Tensor, ...] = ()
+        gating: List[Tensor] = []
+        for idx, layer in enumerate(encoder.layers):
+            if output_hidden_states:
+                all_states += (h,)
+            if self.gradient_checkpointing and torch.is_grad_enabled() and h.requires_grad:
+                h = checkpoint(_call_layer, layer, h, layer_mask, self._layer_takes_head_mask, use_reentrant=False)
+            else:
+                h = _call_layer(layer, h, layer_mask, self._layer_takes_head_mask)
+            row = self._row_of_layer.get(idx)
+            if row is not None:
+                out = steer(h, self.router_weight[row], self.router_bias[row], self.steering_vectors[row],
+                            self.layer_scales[row], return_gating=return_gating)
+                if return_gating:
+                    h, g = out
+                    gating.append(g)
+                else:
+                    h = out
+        h = encoder.layer_norm(h)
+        if out_mask is not None:
+            h = h * out_mask[..., None].to(h.dtype)
+        if output_hidden_states:
+            all_states += (h,)
+
+        output = SteeredEncoderOutput(last_hidden_state=h, hidden_states=all_states or None,
+                                      gating=tuple(gating) if return_gating else None,
+                                      attention_mask=returned_mask)
+        return output if return_dict else output.to_tuple()
+
+    def _check_features(self, input_features: Tensor) -> Tensor:
+        n_mels = self.config.num_mel_bins
+        if not isinstance(input_features, Tensor) or input_features.dim() != 3 or input_features.shape[1] != n_mels:
+            got = tuple(input_features.shape) if isinstance(input_features, Tensor) else type(input_features).__name__
+            raise ValueError(f"input_features must have shape (B, {n_mels}, T_mel); got {got}")
+        if not 1 <= input_features.shape[-1] <= self.max_mel_frames:
+            raise ValueError(f"input_features must have 1..{self.max_mel_frames} mel frames "
+                             f"(Whisper's 30 s window); got {input_features.shape[-1]}")
+        return input_features.to(self.conv1.weight.dtype)
+
+    def _frame_masks(self, attention_mask: Tensor, features: Tensor) -> Tuple[Tensor, Tensor]:
+        """(B, T_mel) mel mask → (frame mask (B, T_mel) bool, encoder-frame mask (B, T_out) bool)."""
+        batch, _, t_mel = features.shape
+        if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (batch, t_mel):
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must have shape (B, T_mel) = ({batch}, {t_mel}); got {got}")
+        mask = attention_mask.to(device=features.device) != 0
+        lengths = mask.sum(-1)
+        frame_mask = torch.arange(t_mel, device=mask.device) < lengths[:, None]
+        if not torch.equal(mask, frame_mask) or bool((lengths == 0).any()):
+            raise ValueError("attention_mask must mark each sample's real mel frames as a non-empty prefix of 1s "
+                             "followed by 0s (right padding)")
+        t_out = int(self.output_lengths(torch.tensor(t_mel)))
+        out_mask = torch.arange(t_out, device=mask.device) < self.output_lengths(lengths)[:, None]
+        return frame_mask, out_mask
+
+    # ------------------------------------------------------------------------------------- weights I/O
+    def save_steering(self, directory: str) -> None:
+        """Write the four steering tensors (``steering.safetensors``) and ``steering_config.json`` atomically."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        tensors = {name: getattr(self, name).detach().contiguous().cpu() for name in _STEERING_TENSORS}
+        config = {"num_experts": self.num_experts, "steered_layers": self.steered_layers,
+                  "hidden_size": self.hidden_size, "num_encoder_layers": len(self.encoder.layers),
+                  "source": getattr(self.config, "name_or_path", None) or None}
+        _atomic_write(os.path.join(directory, STEERING_WEIGHTS_NAME),
+                      lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        _atomic_write(os.path.join(directory, STEERING_CONFIG_NAME),
+                      lambda tmp: _write_json(tmp, config))
+
+    def load_steering(self, directory: str) -> None:
+        """Load tensors written by :meth:`save_steering`; raises ValueError naming both shapes on a mismatch."""
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, STEERING_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {STEERING_WEIGHTS_NAME} in {directory}")
+        tensors = load_file(path)
+        missing = [name for name in _STEERING_TENSORS if name not in tensors]
+        if missing:
+            raise ValueError(f"{path} lacks the steering tensors {missing}")
+        for name in _STEERING_TENSORS:
+            here, there = tuple(getattr(self, name).shape), tuple(tensors[name].shape)
+            if here != there:
+                raise ValueError(f"{name} in {path} has shape {there} but this encoder's is {here} "
+                                 f"(L steered layers, E experts, D hidden size: L={len(self.steered_layers)}, "
+                                 f"E={self.num_experts}, D={self.hidden_size})")
+        config_path = os.path.join(directory, STEERING_CONFIG_NAME)
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                saved_layers = json.load(f).get("steered_layers")
+            if saved_layers is not None and list(saved_layers) != self.steered_layers:
+                raise ValueError(f"{config_path} steers encoder layers {saved_layers} but this encoder steers "
+                                 f"{self.steered_layers}")
+        with torch.no_grad():
+            for name in _STEERING_TENSORS:
+                getattr(self, name).copy_(tensors[name])
+
+
+# ----------------------------------------------------------------------------------------- layer calls
+def _call_layer(layer: nn.Module, h: Tensor, mask: Optional[Tensor], takes_head_mask: bool) -> Tensor:
+    """One frozen ``WhisperEncoderLayer``: transformers 4.x takes a head mask and returns a tuple, 5.x neither."""
+    out = layer(h, mask, layer_head_mask=None) if takes_head_mask else layer(h, mask)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _is_generate_placeholder(attention_mask: Tensor, features: Tensor) -> bool:
+    """transformers 4.x ``generate()`` passes all-ones of shape features.shape[:2] = (B, n_mels): no padding."""
+    return (isinstance(attention_mask, Tensor) and tuple(attention_mask.shape) == tuple(features.shape[:2])
+            and features.shape[1] != features.shape[2] and bool((attention_mask != 0).all()))
+
+
+def _additive_key_mask(key_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, T) bool, True = real frame → (B, 1, T, T) additive mask: 0 at real keys, dtype's minimum at padded ones."""
+    batch, t = key_mask.shape
+    additive = torch.zeros(batch, t, dtype=dtype, device=key_mask.device)
+    additive = additive.masked_fill(~key_mask, torch.finfo(dtype).min)
+    return additive[:, None, None, :].expand(batch, 1, t, t)
+
+
+def _use_masking_attention(encoder: WhisperEncoder) -> None:
+    """Make sure the encoder's self-attention applies an additive 4-D mask (eager or sdpa)."""
+    impl = getattr(encoder.config, "_attn_implementation", None) or "eager"
+    if impl in _MASKING_ATTENTION:
+        return
+    attn_class = type(encoder.layers[0].self_attn).__name__
+    if attn_class != "WhisperAttention":   # transformers 4.x fixes the attention class when the layer is built
+        raise ValueError(f"the encoder uses {attn_class} ({impl}), which ignores padding masks; load it with "
+                         f"attn_implementation='sdpa' or 'eager'")
+    logger.warning("Switching the Whisper attention implementation from %r to 'sdpa' so padding masks apply "
+                   "(the config may be shared with a decoder).", impl)
+    encoder.config._attn_implementation = "sdpa"
+
+
+# ------------------------------------------------------------------------------------- checkpoint reading
+def _resolve_file(name_or_path: str, filename: str, hub_kw: dict) -> Optional[str]:
+    """Local path of ``filename`` in a directory or hub repo, or None when the checkpoint has no such file."""
+    subfolder = hub_kw.get("subfolder") or ""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, subfolder, filename)
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    try:
+        return hf_hub_download(name_or_path, filename, **{k: v for k, v in hub_kw.items() if k in _HUB_KWARGS})
+    except EntryNotFoundError:
+        return None
+
+
+def _encoder_key_prefix(keys: Sequence[str], where: str) -> str:
+    for prefix in _ENCODER_PREFIXES:
+        if f"{prefix}conv1.weight" in keys:
+            return prefix
+    raise ValueError(f"{where} holds no Whisper encoder weights (looked for "
+                     f"{', '.join(p + 'conv1.weight' for p in _ENCODER_PREFIXES)})")
+
+
+def _load_encoder_state(name_or_path: str, hub_kw: dict) -> Dict[str, Tensor]:
+    """The encoder's tensors, keys relative to ``WhisperEncoder``; reads no decoder tensor."""
+    for index_name, single_name in _WEIGHT_FILES:
+        index_path = _resolve_file(name_or_path, index_name, hub_kw)
+        if index_path is not None:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+            prefix = _encoder_key_prefix(list(weight_map), index_path)
+            files = sorted({file for key, file in weight_map.items() if key.startswith(prefix)})
+        elif _resolve_file(name_or_path, single_name, hub_kw) is not None:
+            files, prefix = [single_name], None
+        else:
+            continue
+        state: Dict[str, Tensor] = {}
+        for filename in files:
+            path = _resolve_file(name_or_path, filename, hub_kw)
+            if path is None:
+                raise FileNotFoundError(f"{filename}, listed in the index of {name_or_path}, is missing")
+            state.update(_read_tensors(path, prefix))
+        return state
+    raise FileNotFoundError(f"{name_or_path} has none of {[n for pair in _WEIGHT_FILES for n in pair]}")
+
+
+def _read_tensors(path: str, prefix: Optional[str]) -> Dict[str, Tensor]:
+    """The encoder tensors of one weights file (``prefix`` found from its keys when None)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            prefix = _encoder_key_prefix(keys, path) if prefix is None else prefix
+            return {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # mmap: untouched tensors stay on disk
+    prefix = _encoder_key_prefix(list(state), path) if prefix is None else prefix
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _resolve_dtype(torch_dtype, state: Dict[str, Tensor]) -> torch.dtype:
+    if torch_dtype is None:
+        return torch.float32
+    if torch_dtype == "auto":
+        return next(iter(state.values())).dtype
+    dtype = getattr(torch, torch_dtype, None) if isinstance(torch_dtype, str) else torch_dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"torch_dtype must be a floating torch.dtype, its name, 'auto' or None; got {torch_dtype!r}")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _atomic_write(path: str, write) -> None:
+    """``write(tmp_path)`` then rename over ``path``, so readers never see a partial file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
