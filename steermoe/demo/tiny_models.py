@@ -29,3 +29,78 @@ def build_tiny_whisper(path: str, *, d_model: int = 64, layers: int = 2, heads: 
     model.save_pretrained(path)
     WhisperFeatureExtractor(feature_size=num_mel_bins).save_pretrained(path)
     return path
+
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+GPT2_END = "<|endoftext|>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer(*, chat: bool = True, vocab_size: int = 384):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained in code on the demo sentences (deterministic).
+
+    ``chat=True``: Llama-style, ``<s>``/``</s>``/``<pad>`` and a chat template whose turns end with ``<|end|>``.
+    ``chat=False``: GPT-2-style, ``<|endoftext|>`` as bos/eos/unk, no pad token and no chat template.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .make_speech import SENTENCES
+
+    specials = list(SPECIAL_TOKENS) if chat else [GPT2_END]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = SENTENCES + [s.lower() for s in SENTENCES] + ["Transcribe the audio."]
+    tok.train_from_iterator(corpus, trainer)
+    if chat:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                       unk_token=None, chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=GPT2_END, eos_token=GPT2_END,
+                                   unk_token=GPT2_END)
+
+
+def build_tiny_llm(path: str, *, arch: str = "llama", hidden_size: int = 64, layers: int = 2, heads: int = 4,
+                   ffn_dim: int = 128, max_positions: int = 1024, init_std: float = 0.02, seed: int = 0) -> str:
+    """A random ``AutoModelForCausalLM`` + its tokenizer (``build_tiny_tokenizer``) saved at ``path``; returns ``path``.
+
+    ``init_std`` is the weights' initializer range (larger: sharper attention, outputs that depend more on input).
+
+    ``arch="llama"``: LlamaForCausalLM (grouped-query attention, untied head) with the chat tokenizer; its
+    generation_config samples (temperature 0.7, top-p 0.9), as instruct checkpoints ship.
+    ``arch="gpt2"``: GPT2LMHeadModel (tied head, learned positions) with the plain tokenizer.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if arch not in ("llama", "gpt2"):
+        raise ValueError(f"arch must be 'llama' or 'gpt2'; got {arch!r}")
+    tokenizer = build_tiny_tokenizer(chat=arch == "llama")
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=ffn_dim,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=max_positions, tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, initializer_range=init_std,
+        )
+        model_class = LlamaForCausalLM
+    else:
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=layers, n_head=heads, n_inner=ffn_dim,
+            n_positions=max_positions, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            initializer_range=init_std,
+        )
+        model_class = GPT2LMHeadModel
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    if arch == "llama":
+        model.generation_config.update(do_sample=True, temperature=0.7, top_p=0.9)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,270 @@
+"""Parquet streaming with planted bad rows, filters, and length-grouped, sharded, resumable batches."""
+import io
+import os
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from steermoe.data import ParquetSpeechSource, SpeechBatches, collate, resolve_parquet_files
+
+SPEECH = os.path.join(os.path.dirname(__file__), "..", "steermoe", "demo", "speech.parquet")
+AUDIO_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def _wav(audio: np.ndarray, rate: int = 16000, subtype: str = "FLOAT") -> bytes:
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, rate, format="WAV", subtype=subtype)
+    return buffer.getvalue()
+
+
+def _decode_reference(data: bytes) -> np.ndarray:
+    """soundfile + scipy directly: mono float32 at 16 kHz."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    audio = audio.mean(1)
+    if rate != 16000:
+        g = np.gcd(rate, 16000)
+        audio = resample_poly(audio, 16000 // g, rate // g)
+    return audio.astype(np.float32)
+
+
+def _speech_rows(n=None):
+    table = pq.read_table(SPEECH)
+    rows = [{"audio": a, "text": t, "id": i} for a, t, i in zip(table.column("audio").to_pylist(),
+                                                                 table.column("text").to_pylist(),
+                                                                 table.column("id").to_pylist())]
+    return rows[:n] if n else rows
+
+
+def _write(path, rows, row_group_size=5):
+    table = pa.table({"audio": pa.array([r["audio"] for r in rows], AUDIO_TYPE),
+                      "text": pa.array([r["text"] for r in rows], pa.string()),
+                      "id": pa.array([r["id"] for r in rows], pa.string())})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Real espeak-ng rows, one resampled/stereo row, one by path, and one bad row of every kind."""
+    root = tmp_path_factory.mktemp("planted")
+    rows = _speech_rows(10)
+    stereo = np.stack([np.sin(np.arange(22050) / 7.0), np.cos(np.arange(22050) / 5.0)], 1).astype(np.float32) * 0.3
+    (root / "by_path.wav").write_bytes(rows[0]["audio"]["bytes"])
+    nan = np.zeros(8000, np.float32)
+    nan[100] = np.nan
+    good = rows + [
+        {"audio": {"bytes": _wav(stereo, 22050), "path": None}, "text": "stereo", "id": "stereo"},
+        {"audio": {"bytes": None, "path": "by_path.wav"}, "text": "by path", "id": "by_path"},
+    ]
+    bad = [
+        {"audio": {"bytes": b"RIFF garbage, not a wav", "path": None}, "text": "x", "id": "bad_bytes"},
+        {"audio": {"bytes": _wav(np.zeros(0, np.float32)), "path": None}, "text": "x", "id": "bad_empty"},
+        {"audio": {"bytes": _wav(nan), "path": None}, "text": "x", "id": "bad_nan"},
+        {"audio": rows[1]["audio"], "text": None, "id": "bad_no_text"},
+        {"audio": rows[2]["audio"], "text": "   ", "id": "bad_blank_text"},
+        {"audio": None, "text": "x", "id": "bad_null_audio"},
+        {"audio": {"bytes": None, "path": "nowhere.wav"}, "text": "x", "id": "bad_missing_path"},
+        {"audio": {"bytes": _wav(np.full(200, 0.1, np.float32)), "path": None}, "text": "x", "id": "bad_tiny"},
+    ]
+    mixed = [r for pair in zip(good, bad) for r in pair] + good[len(bad):]
+    path = _write(root / "planted.parquet", mixed, row_group_size=4)
+    return path, good
+
+
+def test_bad_rows_are_skipped_and_counted_by_reason(planted):
+    path, good = planted
+    source = ParquetSpeechSource(path, id_column="id")
+    examples = list(source)
+    assert [e.id for e in examples] == [r["id"] for r in good]
+    assert source.skipped == Counter({"undecodable_audio": 1, "empty_audio": 1, "non_finite_audio": 1,
+                                      "missing_text": 2, "missing_audio": 2, "too_short": 1})
+    assert source.rows_read == len(good) + 8
+    for example, row in zip(examples, good):
+        data = row["audio"]["bytes"] or good[0]["audio"]["bytes"]   # the by-path row holds row 0's audio
+        np.testing.assert_array_equal(example.audio, _decode_reference(data))
+        assert example.audio.dtype == np.float32 and example.text == row["text"] and example.prompt is None
+
+
+def test_filters_by_duration_and_text_tokens(tmp_path):
+    from steermoe.demo.tiny_models import build_tiny_tokenizer
+
+    rows = _speech_rows(12)
+    path = _write(tmp_path / "s.parquet", rows)
+    seconds = [len(_decode_reference(r["audio"]["bytes"])) / 16000 for r in rows]
+    lo, hi = np.quantile(seconds, [0.25, 0.75])
+    source = ParquetSpeechSource(path, min_seconds=lo, max_seconds=hi)
+    kept = [e.text for e in source]
+    assert kept == [r["text"] for r, s in zip(rows, seconds) if lo <= s <= hi]
+    assert source.skipped == Counter({"too_short": sum(s < lo for s in seconds),
+                                      "too_long": sum(s > hi for s in seconds)})
+    tok = build_tiny_tokenizer(chat=False)
+    counts = [len(tok(r["text"], add_special_tokens=False)["input_ids"]) for r in rows]
+    limit = int(np.median(counts))
+    source = ParquetSpeechSource(path, max_text_tokens=limit, tokenizer=tok)
+    assert [e.text for e in source] == [r["text"] for r, c in zip(rows, counts) if c <= limit]
+    assert source.skipped["text_too_long"] == sum(c > limit for c in counts) > 0
+    with pytest.raises(ValueError, match="tokenizer"):
+        ParquetSpeechSource(path, max_text_tokens=3)
+
+
+def test_prompt_column_and_raw_sample_columns(tmp_path):
+    rng = np.random.default_rng(3)
+    clips = [rng.uniform(-0.5, 0.5, n).astype(np.float32) for n in (8000, 11025, 4410)]
+    table = pa.table({"wave": pa.array([c.tolist() for c in clips], pa.list_(pa.float32())),
+                      "sr": pa.array([16000, 22050, 44100], pa.int32()),
+                      "sentence": ["one", "two", "three"], "question": ["What is said?", "", None]})
+    path = str(tmp_path / "raw.parquet")
+    pq.write_table(table, path)
+    source = ParquetSpeechSource(path, audio_column="wave", text_column="sentence", prompt_column="question",
+                                 sampling_rate_column="sr")
+    examples = list(source)
+    from scipy.signal import resample_poly
+
+    np.testing.assert_array_equal(examples[0].audio, clips[0])
+    np.testing.assert_allclose(examples[1].audio, resample_poly(clips[1], 320, 441), atol=1e-6)
+    assert len(examples[2].audio) == 1600
+    assert [e.prompt for e in examples] == ["What is said?", None, None]
+    assert [e.id for e in examples] == ["raw.parquet:0", "raw.parquet:1", "raw.parquet:2"]
+
+
+def test_bad_files_and_paths_are_clear_errors(tmp_path, planted):
+    path, _ = planted
+    not_parquet = tmp_path / "notes.parquet"
+    not_parquet.write_text("hello")
+    with pytest.raises(ValueError, match="notes.parquet.*not a readable parquet"):
+        ParquetSpeechSource(str(not_parquet))
+    with pytest.raises(ValueError, match=r"planted.parquet has no column 'transcript'.*audio, text, id"):
+        ParquetSpeechSource(path, text_column="transcript")
+    with pytest.raises(FileNotFoundError, match="no file matches .*nothing-\\*.parquet"):
+        ParquetSpeechSource(str(tmp_path / "nothing-*.parquet"))
+    with pytest.raises(FileNotFoundError, match="data path not found: .*missing.parquet"):
+        ParquetSpeechSource(str(tmp_path / "missing.parquet"))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .parquet file under the directory .*empty_dir"):
+        ParquetSpeechSource(str(tmp_path / "empty_dir"))
+
+
+def test_resolve_directories_and_globs(tmp_path):
+    rows = _speech_rows(4)
+    (tmp_path / "sub").mkdir()
+    b = _write(tmp_path / "sub" / "b.parquet", rows[2:])
+    a = _write(tmp_path / "a.parquet", rows[:2])
+    assert resolve_parquet_files(str(tmp_path)) == [a, b]
+    assert resolve_parquet_files([str(tmp_path / "*.parquet"), b, a]) == [a, b]
+    assert [e.text for e in ParquetSpeechSource(str(tmp_path))] == [r["text"] for r in rows]
+
+
+def test_collate_pads_with_zeros():
+    from steermoe.data import SpeechExample
+
+    examples = [SpeechExample("a", np.ones(5, np.float32), "x"), SpeechExample("b", np.full(3, 2, np.float32), "y",
+                                                                                 "p")]
+    batch = collate(examples)
+    assert batch.waveforms.dtype == torch.float32 and batch.lengths.tolist() == [5, 3]
+    assert batch.waveforms.tolist() == [[1] * 5, [2, 2, 2, 0, 0]]
+    assert batch.texts == ["x", "y"] and batch.prompts == [None, "p"] and batch.ids == ["a", "b"]
+    assert batch.to("cpu").waveforms.shape == (2, 5)
+
+
+# ----------------------------------------------------------------------------------------------- batches
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """48 rows: every bundled utterance, some trimmed to spread the lengths, in small row groups."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, row in enumerate(_speech_rows() * 2):
+        if i >= 48:
+            break
+        audio = _decode_reference(row["audio"]["bytes"])
+        audio = audio[: int(rng.integers(2000, len(audio)))]
+        rows.append({"audio": {"bytes": _wav(audio, subtype="PCM_16"), "path": None}, "text": row["text"],
+                     "id": f"u{i:02d}"})
+    return _write(tmp_path_factory.mktemp("corpus") / "corpus.parquet", rows, row_group_size=6)
+
+
+def _ids(batches):
+    return [list(b.ids) for b in batches]
+
+
+def _padding(batches) -> int:
+    return sum(int((b.lengths.max() - b.lengths).sum()) for b in batches)
+
+
+def test_length_grouping_reduces_padding(corpus):
+    source = ParquetSpeechSource(corpus, id_column="id")
+    grouped = [_padding(SpeechBatches(source, 4, bucket_size=48, seed=s)) for s in range(3)]
+    random = [_padding(SpeechBatches(source, 4, bucket_size=4, seed=s)) for s in range(3)]
+    assert max(grouped) < 0.3 * min(random)
+
+
+def test_batches_are_seeded_and_epochs_differ(corpus):
+    source = ParquetSpeechSource(corpus, id_column="id")
+    a, b = SpeechBatches(source, 4, bucket_size=12, seed=7), SpeechBatches(source, 4, bucket_size=12, seed=7)
+    first = _ids(a)
+    assert first == _ids(b)
+    assert sorted(sum(first, [])) == [f"u{i:02d}" for i in range(48)] and len(first) == len(a) == 12
+    assert _ids(a) != first                      # the next epoch is shuffled differently
+    assert _ids(SpeechBatches(source, 4, bucket_size=12, seed=8)) != first
+    ordered = SpeechBatches(source, 4, bucket_size=12, shuffle=False)
+    batches = list(ordered)
+    assert sorted(sum(_ids(batches[:3]), [])) == [f"u{i:02d}" for i in range(12)]   # buckets in file order
+    longest = [int(b.lengths.max()) for b in batches[:3]]
+    assert longest == sorted(longest)                                              # by increasing length
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 5])
+def test_shards_are_disjoint_covering_and_equal_in_count(corpus, world_size):
+    source = ParquetSpeechSource(corpus, id_column="id")
+    per_rank = [_ids(SpeechBatches(source, 3, bucket_size=6, seed=1, rank=r, world_size=world_size))
+                for r in range(world_size)]
+    counts = {len(batches) for batches in per_rank}
+    assert counts == {len(SpeechBatches(source, 3, bucket_size=6, rank=0, world_size=world_size))}
+    seen = [i for batches in per_rank for batch in batches for i in batch]
+    assert sorted(seen) == [f"u{i:02d}" for i in range(48)]      # each row exactly once
+    assert all(1 <= len(batch) <= 3 for batches in per_rank for batch in batches)
+
+
+def test_skipped_rows_keep_batch_counts_equal_across_ranks(planted):
+    path, good = planted
+    per_rank = []
+    for rank in range(3):
+        batches = SpeechBatches(ParquetSpeechSource(path, id_column="id"), 2, bucket_size=4, seed=0, rank=rank,
+                                world_size=3)
+        per_rank.append(_ids(batches))
+        assert len(per_rank[-1]) == len(batches)
+    assert len({len(b) for b in per_rank}) == 1
+    seen = [i for batches in per_rank for batch in batches for i in batch]
+    assert set(seen) == {r["id"] for r in good}
+
+
+def test_resume_reproduces_the_batch_sequence(corpus):
+    source = ParquetSpeechSource(corpus, id_column="id")
+    full = SpeechBatches(source, 4, bucket_size=12, seed=3, rank=1, world_size=2)
+    epoch0, epoch1 = _ids(full), _ids(full)
+    for done in (0, 5, len(epoch0) - 1, len(epoch0)):
+        fresh_source = ParquetSpeechSource(corpus, id_column="id")
+        resumed = SpeechBatches(fresh_source, 4, bucket_size=12, seed=3, rank=1, world_size=2)
+        resumed.load_state_dict({"epoch": 0, "batches_done": done})
+        rest = _ids(resumed)
+        assert rest == (epoch0[done:] or epoch1)
+        if done == 5:   # the bucket holding batches 0-2 was never read again
+            assert fresh_source.rows_read < source.num_rows // 2
+    # state is taken between batches, exactly as a training loop sees it
+    batches = SpeechBatches(source, 4, bucket_size=12, seed=3, rank=1, world_size=2)
+    it = iter(batches)
+    next(it), next(it)
+    assert batches.state_dict() == {"epoch": 0, "batches_done": 2}
+
+
+def test_drop_last_gives_full_batches(corpus):
+    batches = list(SpeechBatches(ParquetSpeechSource(corpus, id_column="id"), 5, bucket_size=10, drop_last=True))
+    assert len(batches) == 48 // 5 and all(len(b) == 5 for b in batches)
