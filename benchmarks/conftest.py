@@ -1,0 +1,66 @@
+"""Benchmark session setup: device choice, options, shared fixtures, the summary table and the JSON.
+
+Without a GPU the Triton kernels can only run in Triton's CPU interpreter; TRITON_INTERPRET is read when the
+kernels are decorated, so it is set here, before anything imports steermoe. CPU timings use one thread: on a
+small shared CI machine, multi-threaded kernels stall whenever another process takes a core.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks.report import Results, environment, summary_lines, write_json  # noqa: E402
+from benchmarks.timing import DEVICE, copy_bandwidth_gbps  # noqa: E402
+
+if DEVICE.type == "cpu":
+    torch.set_num_threads(1)
+
+_RESULTS = pytest.StashKey[Results]()
+_COPY_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("steermoe benchmarks")
+    group.addoption("--bench-sweep", choices=("auto", "small", "full"), default="auto",
+                    help="op shapes: full (GPU default) or small (CPU default)")
+    group.addoption("--bench-out", metavar="DIR", default=None,
+                    help="write the summary rows and environment to DIR/summary.json")
+
+
+def pytest_configure(config):
+    config.stash[_RESULTS] = Results()
+
+
+@pytest.fixture(scope="session")
+def results(pytestconfig) -> Results:
+    res = pytestconfig.stash[_RESULTS]
+    res.env.update(environment())
+    return res
+
+
+@pytest.fixture(scope="session")
+def copy_gbps(results) -> float:
+    """This device's measured copy bandwidth (GB/s, read + write): the ceiling achieved bandwidth is held to."""
+    gbps = copy_bandwidth_gbps(_COPY_BYTES[DEVICE.type])
+    results.env["copy_gbps"] = gbps
+    return gbps
+
+
+def pytest_sessionfinish(session):
+    out = session.config.getoption("--bench-out")
+    res = session.config.stash.get(_RESULTS, None)
+    if out and res is not None and res.rows:
+        write_json(os.path.join(out, "summary.json"), res)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config):
+    res = config.stash.get(_RESULTS, None)
+    if res is None or not res.rows:
+        return
+    terminalreporter.section("steermoe benchmark summary")
+    for line in summary_lines(res):
+        terminalreporter.write_line(line)

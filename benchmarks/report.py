@@ -1,0 +1,206 @@
+"""Collects the measured rows, prints the one-screen summary, writes the JSON.
+
+Each benchmark adds a dict (``kind``: op, memory, peak, encoder or train) that also becomes its pytest-benchmark
+``extra_info``. Nothing here measures anything.
+"""
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .impls import BASELINES, HEADLINE
+from .timing import DEVICE
+
+MAX_OP_SHAPES = 12               # more (backend, shape) lines than this: headline shapes + geometric means
+TARGETS = ("targets, D=1280 E=8 bf16 rows ≥ 16k on an H100: fwd ≥ 90 %copy, bwd ≥ 70 %copy; "
+           "fwd+bwd ≥ 3× eager, ≥ 1.3× compile, ≥ 5× original")
+INTERPRETER_NOTE = "* Triton's CPU interpreter: not a speed number"
+
+
+class Results:
+    """The rows measured in this session, and the environment they were measured in."""
+
+    def __init__(self):
+        self.rows: List[dict] = []
+        self.env: Dict[str, object] = {}
+
+    def add(self, kind: str, row: dict, benchmark=None) -> dict:
+        row = {"kind": kind, **row}
+        self.rows.append(row)
+        if benchmark is not None:
+            benchmark.extra_info.update(row)
+        return row
+
+    def of(self, kind: str) -> List[dict]:
+        return [r for r in self.rows if r["kind"] == kind]
+
+
+def environment() -> Dict[str, object]:
+    """Device, driver, versions and date, stated with every table."""
+    import triton
+    import transformers
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+           "transformers": transformers.__version__, "cuda": torch.version.cuda}
+    if DEVICE.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(DEVICE)
+        env["driver"] = _nvidia_driver()
+    else:
+        threads = torch.get_num_threads()
+        env["device"] = f"CPU {_cpu_model()}, {os.cpu_count()} cores, {threads} torch thread{'s' * (threads > 1)}"
+    return env
+
+
+def _nvidia_driver() -> Optional[str]:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, check=False)
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> List[str]:
+    """Plain-text table: first column left-aligned, the rest right-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+
+    def line(values):
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+
+    return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def _geomean(values: Sequence[float]) -> Optional[float]:
+    values = [v for v in values if v]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def _op_lines(rows: List[dict]) -> List[str]:
+    """One line per (backend, shape): fwd and bwd time and %copy, fwd+bwd time and speedups (what the targets
+    name); past MAX_OP_SHAPES lines, the headline shapes plus one geometric-mean line per backend."""
+    by_shape: Dict[tuple, Dict[str, dict]] = {}
+    for r in rows:
+        if r["impl"] not in BASELINES:
+            by_shape.setdefault((r["impl"], r["shape"]), {})[r["mode"]] = r
+    if not by_shape:
+        return []
+
+    def line(label: str, shape: str, groups: List[Dict[str, dict]]):
+        def value(key: str, mode: str):
+            values = [g.get(mode, {}).get(key) for g in groups]
+            if len(groups) == 1:
+                return values[0]
+            return None if key == "ms" else _geomean(values)
+
+        return [label, shape, value("ms", "fwd"), value("copy_pct", "fwd"), value("ms", "bwd"),
+                value("copy_pct", "bwd"), value("ms", "fwd+bwd"),
+                *(value(k, "fwd+bwd") for k in ("vs_eager", "vs_compile", "vs_original"))]
+
+    def tag(modes: Dict[str, dict]) -> str:
+        return "*" if any(r["interpreted"] for r in modes.values()) else ""
+
+    shown = [(key, modes) for key, modes in by_shape.items()
+             if len(by_shape) <= MAX_OP_SHAPES or any(r["headline"] for r in modes.values())]
+    table = [line(impl + tag(modes), shape, [modes]) for (impl, shape), modes in shown]
+    if len(shown) < len(by_shape):
+        for impl in dict.fromkeys(impl for impl, _ in by_shape):
+            groups = [modes for (i, _), modes in by_shape.items() if i == impl]
+            table.append(line(impl, f"geomean of {len(groups)} shapes", groups))
+    lines = ["Fused op, median ms; %copy = (minimum bytes / time) / measured copy bandwidth; speedups of fwd+bwd",
+             "over the eager composition, torch.compile of it, and the original code (all rows in the JSON)"]
+    lines += format_table(["backend", "rows x D - E - dtype", "fwd ms", "%copy", "bwd ms", "%copy", "f+b ms",
+                           "×eager", "×compile", "×orig"], table)
+    if any(tag(modes) for _, modes in shown):
+        lines.append(INTERPRETER_NOTE)
+    if any(r["headline"] for _, modes in shown for r in modes.values()):
+        lines.append(TARGETS)
+    return lines
+
+
+def _memory_lines(rows: List[dict], peaks: List[dict]) -> List[str]:
+    if not rows and not peaks:
+        return []
+    first = rows[0] if rows else peaks[0]
+    peak_of = {r["impl"]: r["peak_mb"] for r in peaks}
+    saved = {r["impl"]: r for r in rows}
+    headers = ["impl", "saved B/row", "beyond y B/row", "layer MB", f"{first['target_layers']} layers GB"]
+    table = [[impl] + [saved.get(impl, {}).get(k) for k in ("bytes_per_row", "beyond_y_per_row", "layer_mb",
+                                                             "model_gb")] for impl in {**saved, **peak_of}]
+    if peaks:
+        headers.append(f"peak CUDA MB ({first['target_rows']} rows)")
+        table = [r + [peak_of.get(r[0])] for r in table]
+    return ([f"Saved activations per steered layer (D={first['dim']} E={first['experts']} {first['dtype']}, parameters "
+             "excluded); beyond y = what steering adds,",
+             f"y being kept by the next layer anyway; MB, GB: beyond y at whisper-large-v3 B=16 "
+             f"({first['target_rows']} rows per layer)"]
+            + format_table(headers, table))
+
+
+def _encoder_lines(rows: List[dict]) -> List[str]:
+    if not rows:
+        return []
+    base = {(r["config"]): r["ms"] for r in rows if r["variant"] == "unsteered, 30 s"}
+    table = [[r["config"], r["variant"], r["batch"], r["mel_frames"], r["ms"],
+              (r["ms"] / base[r["config"]] - 1) * 100 if r["config"] in base else None] for r in rows]
+    return (["Encoder forward+backward (frozen Whisper, random weights): median ms; % over unsteered 30 s"]
+            + format_table(["config", "variant", "B", "T_mel", "ms", "% vs unsteered"], table))
+
+
+def _train_lines(rows: List[dict]) -> List[str]:
+    if not rows:
+        return []
+    table = [[r["pipeline"], r["batch"], r["ms"], r["samples_per_s"], r.get("peak_mb")] for r in rows]
+    return ["Train step (forward + backward + optimizer)"] + format_table(
+        ["pipeline", "B", "ms", "samples/s", "peak CUDA MB"], table)
+
+
+def summary_lines(results: Results) -> List[str]:
+    env = results.env
+    driver = f" | driver {env['driver']}" if env.get("driver") else ""
+    lines = [f"{env.get('device')}{driver} | {env.get('date')}",
+             f"torch {env.get('torch')} (CUDA {env.get('cuda')}) | triton {env.get('triton')} | "
+             f"transformers {env.get('transformers')} | python {env.get('python')}"]
+    if "copy_gbps" in env:
+        lines.append(f"Measured copy bandwidth (read + write): {env['copy_gbps']:.1f} GB/s")
+    for section in (_op_lines(results.of("op")), _memory_lines(results.of("memory"), results.of("peak")),
+                    _encoder_lines(results.of("encoder")), _train_lines(results.of("train"))):
+        if section:
+            lines += [""] + section
+    return lines
+
+
+def write_json(path: str, results: Results) -> None:
+    """All rows and the environment, written atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"environment": results.env, "headline": HEADLINE | {"dtype": "bf16"}, "rows": results.rows},
+                  f, indent=1, default=str)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,81 @@
+"""The one timer every benchmark uses, and the copy-bandwidth ceiling it is compared with.
+
+On CUDA: CUDA events around each call, L2 flushed before each call, warm-up first, one synchronisation at
+the end, median over the repetitions. On CPU the work is synchronous, so ``time.perf_counter`` per call.
+"""
+import functools
+import statistics
+import time
+from typing import Any, Callable, List, Optional
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_L2_FLUSH_BYTES = 256 * 2**20
+
+
+def median_ms(fn: Callable[[Any], Any], setup: Optional[Callable[[], Any]] = None, *, warmup: int = 2,
+              budget_s: float = 0.05, min_reps: int = 5, max_reps: int = 200) -> float:
+    """Median milliseconds of ``fn(setup())`` (``fn(None)`` without ``setup``); ``setup`` runs untimed.
+
+    Repetitions: enough to fill ``budget_s`` of measured time, within [min_reps, max_reps].
+    """
+    prepare = setup if setup is not None else (lambda: None)
+    estimate = min(_time_calls(fn, prepare, warmup))
+    reps = int(min(max_reps, max(min_reps, budget_s * 1e3 / max(estimate, 1e-3))))
+    return statistics.median(_time_calls(fn, prepare, reps))
+
+
+def _time_calls(fn: Callable[[Any], Any], prepare: Callable[[], Any], reps: int) -> List[float]:
+    """Milliseconds of ``fn(prepare())``, ``reps`` times."""
+    if DEVICE.type != "cuda":
+        times = []
+        for _ in range(reps):
+            arg = prepare()
+            start = time.perf_counter()
+            fn(arg)
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+    flush = _l2_flush_buffer()
+    events = []
+    for _ in range(reps):
+        arg = prepare()
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(arg)
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+@functools.lru_cache(maxsize=1)
+def _l2_flush_buffer() -> torch.Tensor:
+    return torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=DEVICE)
+
+
+def copy_bandwidth_gbps(nbytes: int) -> float:
+    """Measured device-to-device copy bandwidth in GB/s (bytes read + bytes written per second)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE).random_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda _: dst.copy_(src), min_reps=10)
+    return 2 * nbytes / ms / 1e6
+
+
+def measure(benchmark, fn: Callable[[Any], Any], setup: Optional[Callable[[], Any]] = None, *,
+            rounds: int = 3, **timer_kw) -> float:
+    """:func:`median_ms` of ``fn`` (the number reported), and pytest-benchmark's own record of it.
+
+    pytest-benchmark times wall clock, so its target synchronises the device after each call.
+    """
+    ms = median_ms(fn, setup, **timer_kw)
+    prepare = setup if setup is not None else (lambda: None)
+
+    def target(arg):
+        fn(arg)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(target, setup=lambda: ((prepare(),), {}), rounds=rounds, iterations=1)
+    return ms
