@@ -30,7 +30,7 @@ def _signature(kernel: str, x_dtype: torch.dtype) -> Dict[str, str]:
     x, f32 = POINTER[x_dtype], "*fp32"
     if kernel == "forward":
         return dict(X=x, W=f32, B=f32, V=f32, S=f32, Y=x, G=f32, N="i32", D="i32")
-    return dict(DY=x, Y=x, G=f32, W=f32, V=f32, S=f32, DX=x, DW_PART=f32, DV_PART=f32, DB_PART=f32,
+    return dict(DY=x, Y=x, G=f32, DG=f32, W=f32, V=f32, S=f32, DX=x, DW_PART=f32, DV_PART=f32, DB_PART=f32,
                 DS_PART=f32, N="i32", D="i32")
 
 
@@ -55,8 +55,7 @@ def compile_kernel(kernel: str, x_dtype: torch.dtype, num_experts: int, arch: in
     config = kernels.launch_config(kernel, dim, x_dtype, num_experts)
     options = {k: config.pop(k) for k in LAUNCH_OPTIONS}
     fn = kernels._steer_fwd_kernel if kernel == "forward" else kernels._steer_bwd_kernel
-    if kernel == "forward":
-        config.update(HAS_BIAS=True, STORE_GATING=True)
+    config.update(dict(HAS_BIAS=True, STORE_GATING=True) if kernel == "forward" else dict(HAS_GATING_GRAD=True))
     signature = _signature(kernel, x_dtype)
     signature.update({name: "constexpr" for name in config})
     with warnings.catch_warnings():

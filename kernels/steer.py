@@ -10,7 +10,8 @@ Forward, one program per BLOCK_M rows, two sweeps over D in BLOCK_D columns:
   first, so it is served by L2: HBM sees x read once and y written once.
 
 Backward, a persistent grid of P programs, each looping over row blocks:
-  1. u = dy · Vᵀ; dlogits = g ⊙ (s·u − Σ_e g·s·u); db, ds accumulate in registers;
+  1. u = dy · Vᵀ; dg = s·u (+ the gating's own gradient, when a loss uses it); dlogits = g ⊙ (dg − Σ_e g·dg);
+     db, ds accumulate in registers;
   2. per D block: x = y − s·g·V (recomputed, x is never saved), dx = dy + dlogits · W (stored),
      and the program's own fp32 partials dW_p += dlogitsᵀ · x, dV_p += s · gᵀ · dy (read-modify-write of a
      private (E, D) slice that stays in L2).
@@ -78,9 +79,9 @@ def _steer_fwd_kernel(X, W, B, V, S, Y, G, N, D,
 
 
 @triton.jit
-def _steer_bwd_kernel(DY, Y, G, W, V, S, DX, DW_PART, DV_PART, DB_PART, DS_PART, N, D,
+def _steer_bwd_kernel(DY, Y, G, DG, W, V, S, DX, DW_PART, DV_PART, DB_PART, DS_PART, N, D,
                       E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      HAS_GATING_GRAD: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     experts = tl.arange(0, E_PAD)
@@ -94,8 +95,9 @@ def _steer_bwd_kernel(DY, Y, G, W, V, S, DX, DW_PART, DV_PART, DB_PART, DS_PART,
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         row_off = rows.to(tl.int64)[:, None] * D
-        g = tl.load(G + rows.to(tl.int64)[:, None] * E + experts[None, :],
-                    mask=row_ok[:, None] & expert_ok[None, :], other=0.0)
+        gate_off = rows.to(tl.int64)[:, None] * E + experts[None, :]
+        gate_ok = row_ok[:, None] & expert_ok[None, :]
+        g = tl.load(G + gate_off, mask=gate_ok, other=0.0)
 
         u = tl.zeros((BLOCK_M, E_PAD), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -106,6 +108,8 @@ def _steer_bwd_kernel(DY, Y, G, W, V, S, DX, DW_PART, DV_PART, DB_PART, DS_PART,
                           other=0.0)
             u += tl.dot(dy.to(tl.float32), v_t.to(tl.float32), input_precision=PRECISION)
         dg = s * u
+        if HAS_GATING_GRAD:
+            dg += tl.load(DG + gate_off, mask=gate_ok, other=0.0)
         dlogits = g * (dg - tl.sum(g * dg, axis=1)[:, None])
         db_acc += tl.sum(dlogits, axis=0)
         ds_acc += tl.sum(g * u, axis=0)
@@ -196,9 +200,10 @@ def steer_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Te
     return y, gating
 
 
-def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, vectors: Tensor,
-                   scale: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dy, y (N, D), gating (N, E) → dx (N, D) in y.dtype; fp32 dW (E, D), db (E,), dV (E, D), ds (1,)."""
+def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, vectors: Tensor, scale: Tensor,
+                   grad_gating: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dy, y (N, D), gating (N, E) [, its gradient (N, E) fp32] → dx (N, D) in y.dtype; fp32 dW (E, D), db (E,),
+    dV (E, D), ds (1,)."""
     n, d = y.shape
     e = weight.shape[0]
     dx = torch.empty_like(y)
@@ -214,5 +219,6 @@ def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, ve
         return dx, zero, torch.zeros((e,), **f32), zero.clone(), torch.zeros((1,), **f32)
     with _device_guard(y):
         _steer_bwd_kernel[(programs,)](
-            grad_y, y, gating, weight, vectors, scale, dx, dw_part, dv_part, db_part, ds_part, n, d, **config)
+            grad_y, y, gating, gating if grad_gating is None else grad_gating, weight, vectors, scale, dx,
+            dw_part, dv_part, db_part, ds_part, n, d, HAS_GATING_GRAD=grad_gating is not None, **config)
     return dx, dw_part.sum(0), db_part.sum(0), dv_part.sum(0), ds_part.sum(0, keepdim=True)

@@ -22,6 +22,6 @@ def steer_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Te
     return torch.ops.steermoe.cuda_forward(x, weight, bias, vectors, scale, save_gating)
 
 
-def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, vectors: Tensor,
-                   scale: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return torch.ops.steermoe.cuda_backward(grad_y, y, gating, weight, vectors, scale)
+def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, vectors: Tensor, scale: Tensor,
+                   grad_gating: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return torch.ops.steermoe.cuda_backward(grad_y, y, gating, weight, vectors, scale, grad_gating)

@@ -5,7 +5,8 @@ One contract, three implementations (``torch``: :mod:`steermoe.reference`, ``tri
 implementation provides
 
     forward(x (N, D), W (E, D), b (E,) | None, V (E, D), s (1,) fp32, save_gating) -> y (N, D), g (N, E) fp32
-    backward(dy, y, g, W, V, s) -> dx (N, D) x.dtype, dW (E, D), db (E,), dV (E, D), ds (1,)   [fp32]
+    backward(dy, y, g, W, V, s, dg (N, E) | None) -> dx (N, D) x.dtype, dW (E, D), db (E,), dV (E, D), ds (1,)
+                                                    [gradients of the parameters in fp32; dg: gating's gradient]
 
 and saves nothing itself: the autograd registration below keeps only y, the gating and the parameters,
 and the backward recomputes x = y − s·(g V).
@@ -116,12 +117,13 @@ def _(x, weight, bias, vectors, scale, backend, save_gating):
 
 @torch.library.custom_op("steermoe::steer_backward", mutates_args=())
 def _steer_backward_op(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, vectors: Tensor,
-                       scale: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _impl(backend).steer_backward(grad_y, y, gating, weight, vectors, scale)
+                       scale: Tensor, grad_gating: Optional[Tensor],
+                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _impl(backend).steer_backward(grad_y, y, gating, weight, vectors, scale, grad_gating)
 
 
 @_steer_backward_op.register_fake
-def _(grad_y, y, gating, weight, vectors, scale, backend):
+def _(grad_y, y, gating, weight, vectors, scale, grad_gating, backend):
     e, d = weight.shape
     return (torch.empty_like(y), gating.new_empty((e, d)), gating.new_empty((e,)), gating.new_empty((e, d)),
             gating.new_empty((1,)))
@@ -133,6 +135,7 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
     ctx.has_bias = bias is not None
     ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype, vectors.dtype)
+    ctx.set_materialize_grads(False)  # an unused gating output passes None, not a zero (N, E) tensor
     ctx.save_for_backward(y, gating, weight, vectors, scale)
 
 
@@ -140,7 +143,12 @@ def _backward(ctx, grad_y, grad_gating):
     y, gating, weight, vectors, scale = ctx.saved_tensors
     if gating.shape[0] != y.shape[0]:
         raise RuntimeError("steermoe: the forward ran without saving the gating, so it cannot be differentiated")
-    dx, dw, db, dv, ds = _steer_backward_op(grad_y.contiguous(), y, gating, weight, vectors, scale, ctx.backend)
+    if grad_y is None:
+        grad_y = torch.zeros_like(y)
+    if grad_gating is not None:
+        grad_gating = grad_gating.contiguous().to(gating.dtype)
+    dx, dw, db, dv, ds = _steer_backward_op(grad_y.contiguous(), y, gating, weight, vectors, scale, grad_gating,
+                                            ctx.backend)
     w_dtype, b_dtype, v_dtype = ctx.param_dtypes
     return (dx, dw.to(w_dtype), db.to(b_dtype) if ctx.has_bias else None, dv.to(v_dtype), ds,
             None, None)

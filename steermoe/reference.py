@@ -42,9 +42,11 @@ def steer_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Te
     return y, gating
 
 
-def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, vectors: Tensor,
-                   scale: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, vectors: Tensor, scale: Tensor,
+                   grad_gating: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients from the saved output: x is recomputed as y − s·(g V).
+
+    ``grad_gating`` (N, E) is the upstream gradient of the returned gating (e.g. from a load-balancing loss).
 
     Returns dx (N, D) in y.dtype, and dW (E, D), db (E,), dV (E, D), ds (1,) in fp32 (float64 for float64 y).
     """
@@ -56,7 +58,7 @@ def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, ve
     s = scale.to(ct).reshape(())
     x = y.to(ct) - s * (g @ v)
     u = dy @ v.t()                                            # (N, E)
-    dg = s * u
+    dg = s * u if grad_gating is None else s * u + grad_gating.to(ct)
     dlogits = g * (dg - (g * dg).sum(-1, keepdim=True))
     dx = dy + dlogits @ w
     return dx.to(y.dtype), dlogits.t() @ x, dlogits.sum(0), s * (g.t() @ dy), (g * u).sum().reshape(1)
