@@ -15,9 +15,6 @@ if not torch.cuda.is_available():
 from benchmarks.report import Results, environment, summary_lines, write_json  # noqa: E402
 from benchmarks.timing import DEVICE, copy_bandwidth_gbps  # noqa: E402
 
-if DEVICE.type == "cpu":
-    torch.set_num_threads(1)
-
 _RESULTS = pytest.StashKey[Results]()
 _COPY_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}
 
@@ -34,8 +31,18 @@ def pytest_configure(config):
     config.stash[_RESULTS] = Results()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_cpu_thread():
+    """CPU benchmarks run on one thread (restored afterwards, for tests sharing the session)."""
+    threads = torch.get_num_threads()
+    if DEVICE.type == "cpu":
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
-def results(pytestconfig) -> Results:
+def results(pytestconfig, _one_cpu_thread) -> Results:
     res = pytestconfig.stash[_RESULTS]
     res.env.update(environment())
     return res

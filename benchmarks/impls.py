@@ -117,14 +117,14 @@ def make_inputs(case: OpCase, seed: int = 0) -> OpInputs:
         layer=layers // 2)
 
 
-def original_steer(inp: OpInputs) -> Tensor:
-    """The original code's steering at one layer, op for op."""
-    e = inp.all_vectors.shape[1]
-    router_output = inp.router(inp.x)                                   # (B, T, L·E): every layer's logits
-    logits = router_output[:, :, inp.layer * e:(inp.layer + 1) * e]
+def seed_steer(x: Tensor, router: nn.Linear, all_vectors: Tensor, layer_scales: Tensor, layer: int) -> Tensor:
+    """The original code's steering of x (B, T, D) at ``layer``, op for op: all L·E logits, then this layer's E."""
+    e = all_vectors.shape[1]
+    router_output = router(x)                                           # (B, T, L·E): every layer's logits
+    logits = router_output[:, :, layer * e:(layer + 1) * e]
     gating = torch.softmax(logits, dim=-1)
-    adjustment = torch.einsum("bte,ef->btf", gating, inp.all_vectors[inp.layer])
-    return inp.x + inp.layer_scales[inp.layer] * adjustment
+    adjustment = torch.einsum("bte,ef->btf", gating, all_vectors[layer])
+    return x + layer_scales[layer] * adjustment
 
 
 def _reference_output(x, weight, bias, vectors, scale):
@@ -154,8 +154,8 @@ def forward_of(impl: str, inp: OpInputs) -> Tuple[Callable[[], Tensor], List[Ten
     if impl == "compile":
         return lambda: compiled_steer(inp), fused_params
     if impl == "original":
-        return lambda: original_steer(inp), [inp.x, inp.router.weight, inp.router.bias, inp.all_vectors,
-                                             inp.layer_scales]
+        return (lambda: seed_steer(inp.x, inp.router, inp.all_vectors, inp.layer_scales, inp.layer),
+                [inp.x, inp.router.weight, inp.router.bias, inp.all_vectors, inp.layer_scales])
     return lambda: steer(inp.x, inp.weight, inp.bias, inp.vectors, inp.scale, backend=impl), fused_params
 
 

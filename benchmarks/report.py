@@ -175,9 +175,13 @@ def _encoder_lines(rows: List[dict]) -> List[str]:
 def _train_lines(rows: List[dict]) -> List[str]:
     if not rows:
         return []
-    table = [[r["pipeline"], r["batch"], r["ms"], r["samples_per_s"], r.get("peak_mb")] for r in rows]
-    return ["Train step (forward + backward + optimizer)"] + format_table(
-        ["pipeline", "B", "ms", "samples/s", "peak CUDA MB"], table)
+    headers = ["pipeline", "dtype, padding", "B", "ms", "samples/s"]
+    table = [[r["pipeline"], r["padding"], r["batch"], r["ms"], r["samples_per_s"]] for r in rows]
+    if any(r["peak_mb"] is not None for r in rows):
+        headers.append("peak MB")
+        table = [t + [r["peak_mb"]] for t, r in zip(table, rows)]
+    return ([f"Train step, {rows[0]['config']}: forward, backward, AdamW; median ms; peak CUDA MB above the "
+             "resting model and optimizer"] + format_table(headers, table))
 
 
 def summary_lines(results: Results) -> List[str]:
