@@ -1,0 +1,428 @@
+"""Tests for ``steer()``: every backend that can run here against the float64 oracle, autograd, memory, errors.
+
+Backends: ``torch`` on CPU; ``triton`` on CUDA tensors, or on CPU tensors in Triton's interpreter (conftest sets
+TRITON_INTERPRET=1 without a GPU); ``cuda`` (the C++ extension) only with a GPU, skipped when it is not built.
+Each test seeds torch from its own id, so inputs are random, differ between tests and reproduce on rerun.
+Shapes are tiny on purpose: the interpreter costs about a millisecond per program.
+"""
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import pytest
+import torch
+from torch import Tensor
+
+import steermoe.kernels
+import steermoe.reference
+from steermoe import available_backends, steer
+from steermoe.reference import steer_reference
+
+HAS_CUDA = torch.cuda.is_available()
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+BACKENDS = [
+    pytest.param(("torch", "cpu"), id="torch"),
+    pytest.param(("triton", KERNEL_DEVICE), id="triton"),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
+]
+GRAD_NAMES = ("dx", "dW", "db", "dV", "ds")  # gradients of (x, W, b, V, scale)
+# Error bound relative to the size of the terms each result sums (see _error_scales). Low-precision results are
+# held to a few ulps of x's dtype: y and dx are stored in it (the interpreter truncates instead of rounding: one
+# ulp), and the backward recomputes x from the rounded y, which puts the same relative error into dW.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 4 * 2 ** -7, torch.float16: 4 * 2 ** -10}
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> Tuple[str, str]:
+    """(backend name, device of its tensors); the optional CUDA extension is skipped when not built."""
+    name, device = request.param
+    why = available_backends(device, explain=True)[name]
+    if name == "cuda" and why != "available":
+        pytest.skip(why)
+    return name, device
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class Case:
+    """One input configuration: x's shape (..., D), layout and dtype; the parameters' dtypes; bias; scale."""
+    shape: Tuple[int, ...] = (37, 100)
+    experts: int = 8
+    dtype: torch.dtype = torch.float32
+    params: str = "fp32"        # "fp32"; "x": x's dtype; "mixed": W fp32, b and V in x's dtype
+    bias: bool = True
+    scale: str = "0d"           # "float", "0d" (0-dim tensor) or "1el" ((1,) tensor); tensors require grad
+    layout: str = "contiguous"  # "transposed": D is the strided dim; "swapped": leading dims swapped; "sliced"
+
+    def __str__(self):
+        dims = "x".join(map(str, self.shape))
+        return (f"E{self.experts}-{dims}-{str(self.dtype)[6:]}-p{self.params}-{'b' if self.bias else 'nob'}"
+                f"-s{self.scale}-{self.layout}")
+
+
+def _make_x(case: Case, device: str) -> Tensor:
+    """x of ``case.shape`` requiring grad; a view of a larger leaf unless the layout is contiguous."""
+    shape, opts = case.shape, dict(dtype=case.dtype, device=device)
+    if case.layout == "contiguous":
+        return torch.randn(shape, **opts).requires_grad_()
+    if case.layout == "transposed":
+        return torch.randn(shape[-1], *shape[:-1], **opts).requires_grad_().movedim(0, -1)
+    if case.layout == "swapped":
+        return torch.randn(shape[1], shape[0], *shape[2:], **opts).requires_grad_().transpose(0, 1)
+    if case.layout == "sliced":
+        base = torch.randn(2 * shape[0], *shape[1:-1], shape[-1] + 5, **opts).requires_grad_()
+        return base[::2, ..., 2:2 + shape[-1]]
+    raise ValueError(f"unknown layout {case.layout!r}")
+
+
+def make_inputs(case: Case, device: str) -> list:
+    """[x, W, b | None, V, scale]: random, never zero; logits of order one so the gating is far from uniform."""
+    e, d = case.experts, case.shape[-1]
+    low = case.dtype
+    w_dtype, bv_dtype = {"fp32": (torch.float32,) * 2, "x": (low, low), "mixed": (torch.float32, low)}[case.params]
+
+    def param(*shape, dtype, std=1.0):
+        return (torch.randn(shape, device=device) * std).to(dtype).requires_grad_()
+
+    scale = 0.25 + torch.rand(()).item()
+    if case.scale != "float":
+        scale = torch.full(() if case.scale == "0d" else (1,), scale, dtype=w_dtype, device=device,
+                           requires_grad=True)
+    return [_make_x(case, device), param(e, d, dtype=w_dtype, std=2 / max(d, 1) ** 0.5),
+            param(e, dtype=bv_dtype) if case.bias else None, param(e, d, dtype=bv_dtype), scale]
+
+
+def _requires_grad(a) -> bool:
+    return isinstance(a, Tensor) and a.requires_grad
+
+
+def _differentiable(args) -> list:
+    return [a for a in args if _requires_grad(a)]
+
+
+def _error_scales(args, gating: Tensor, dy: Tensor, dgating: Optional[Tensor]) -> Dict[str, Tensor]:
+    """How large each result's rounding error may be, up to the dtype's epsilon (float64, from the oracle).
+
+    Sums over rows use the root of the summed squares (rounding errors of independent terms add like a random
+    walk) and the softmax gradient the absolute values of its terms, so cancelling results such as
+    ds = Σ g·(dy Vᵀ) are not held to more digits than their terms carry.
+    """
+    x, w, _, v, s = (a.detach().double() if isinstance(a, Tensor) else a for a in args)
+    e, d = w.shape
+    x, g, dy = x.reshape(-1, d), gating.detach().reshape(-1, e), dy.double().reshape(-1, d)
+    s = s.abs() if isinstance(s, Tensor) else abs(s)
+    u = dy @ v.t()
+    dg = (s * u + (0.0 if dgating is None else dgating.double().reshape(-1, e))).abs()
+    dlogits = g * (dg + (g * dg).sum(-1, keepdim=True))
+    y = x.abs() + s * (g @ v.abs())
+    return {"y": y, "gating": g, "dx": dy.abs() + dlogits @ w.abs(), "dW": (dlogits.t() ** 2 @ y ** 2).sqrt(),
+            "db": (dlogits ** 2).sum(0).sqrt(), "dV": s * (g.t() ** 2 @ dy ** 2).sqrt(), "ds": (g * u).norm()}
+
+
+def reference_results(args, dy: Tensor, dgating: Optional[Tensor] = None) -> Dict[str, Tuple[Tensor, float]]:
+    """Float64 oracle: {name: (expected, error scale)} for y, gating and the gradient of every differentiable
+    argument (dx, dW, db, dV, ds), given the upstream gradients dy (and dgating, for a loss on the gating)."""
+    ref_args = [a.detach().double().requires_grad_(a.requires_grad) if isinstance(a, Tensor) else a for a in args]
+    y, gating = steer_reference(*ref_args)
+    outputs, upstream = [y], [dy.double()]
+    if dgating is not None:
+        outputs.append(gating)
+        upstream.append(dgating.double())
+    grads = torch.autograd.grad(outputs, _differentiable(ref_args), upstream)
+    names = ["y", "gating"] + [n for n, a in zip(GRAD_NAMES, args) if _requires_grad(a)]
+    scales = _error_scales(args, gating, dy, dgating)
+    return {n: (t.detach(), scales[n].max().item() if scales[n].numel() else 0.0)
+            for n, t in zip(names, (y, gating, *grads))}
+
+
+def assert_close(actual: Tensor, expected: Tensor, scale: float, dtype: torch.dtype, what: str) -> None:
+    """max |actual − expected| ≤ TOLERANCE[dtype] · max(scale, max |expected|), for tensors of equal shape."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    err = (actual.double() - expected).abs().max().item()
+    bound = TOLERANCE[dtype] * max(scale, expected.abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
+
+
+def check_against_reference(case: Case, backend: Tuple[str, str], gating_grad: bool = False) -> None:
+    """steer's y, gating and every gradient vs the float64 oracle; gradients keep their argument's dtype."""
+    name, device = backend
+    args = make_inputs(case, device)
+    x = args[0]
+    y, gating = steer(*args, return_gating=True, backend=name)
+    assert y.dtype == x.dtype and gating.dtype == torch.float32
+    assert gating.shape == (*x.shape[:-1], case.experts)
+    dy = torch.randn_like(y)
+    dgating = torch.randn_like(gating) if gating_grad else None
+    outputs, upstream = ([y, gating], [dy, dgating]) if gating_grad else ([y], [dy])
+    grads = torch.autograd.grad(outputs, _differentiable(args), upstream)
+    for grad, arg in zip(grads, _differentiable(args)):
+        assert grad.dtype == arg.dtype, f"gradient dtype {grad.dtype}, expected the argument's {arg.dtype}"
+    for (what, (expected, scale)), actual in zip(reference_results(args, dy, dgating).items(), (y, gating, *grads)):
+        assert_close(actual, expected, scale, case.dtype, what)
+
+
+# ------------------------------------------------------------------------------------ numerics vs oracle
+SIZES = [  # (E, x shape): odd D, rows not a multiple of any block, leading dims, zero rows, E=64, wide D
+    (1, (37, 33)), (3, (70, 100)), (8, (2, 35, 257)), (16, (1, 100)), (33, (5, 7, 33)),
+    (8, (0, 100)), (8, (2, 0, 33)), (64, (37, 48)), (8, (3, 1280)), (3, (2, 3, 2, 5, 17)), (8, (4, 1)),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+VARIANTS = [
+    Case(layout="transposed"), Case(layout="sliced", dtype=torch.bfloat16),
+    Case(shape=(3, 4, 33), layout="swapped", dtype=torch.float16), Case(shape=(2, 5, 3, 33), layout="sliced"),
+    Case(dtype=torch.bfloat16, params="x"), Case(dtype=torch.float16, params="x"),
+    Case(dtype=torch.bfloat16, params="mixed", bias=False),
+    Case(bias=False, scale="float"), Case(scale="1el"), Case(dtype=torch.bfloat16, scale="float"),
+    Case(dtype=torch.bfloat16, params="x", scale="1el", layout="transposed"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("experts, shape", SIZES, ids=[f"E{e}-{'x'.join(map(str, s))}" for e, s in SIZES])
+def test_sizes_match_reference(backend, experts, shape, dtype):
+    check_against_reference(Case(shape=shape, experts=experts, dtype=dtype), backend)
+
+
+@pytest.mark.parametrize("case", VARIANTS, ids=str)
+def test_variants_match_reference(backend, case):
+    check_against_reference(case, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
+def test_gradient_through_gating(backend, dtype):
+    """A loss on the returned gating (e.g. load balancing) reaches x, W and b."""
+    check_against_reference(Case(shape=(2, 19, 33), dtype=dtype), backend, gating_grad=True)
+
+
+def test_forward_without_autograd_matches(backend):
+    """Under no_grad the gating is not stored; y is the same, and return_gating=False returns y alone."""
+    name, device = backend
+    args = make_inputs(Case(dtype=torch.bfloat16), device)
+    y = steer(*args, backend=name)
+    with torch.no_grad():
+        y_plain = steer(*args, backend=name)
+        y_gated, gating = steer(*args, return_gating=True, backend=name)
+    assert isinstance(y, Tensor) and not y_plain.requires_grad
+    assert torch.equal(y, y_plain) and torch.equal(y, y_gated)
+    assert_close(gating, *reference_results(args, torch.zeros_like(y))["gating"], torch.bfloat16, "gating")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
+def test_extreme_logits_stay_finite(backend, dtype):
+    """|logit| up to 1e4 (weights and bias): y, gating and every gradient finite; gating rows sum to one."""
+    name, device = backend
+    args = make_inputs(Case(shape=(2, 19, 33), dtype=dtype), device)
+    with torch.no_grad():
+        w, b = args[1], args[2]
+        w.mul_(5e3 / (w.float().abs().sum(1, keepdim=True) * 3))
+        b.copy_(torch.where(b > 0, 5e3, -5e3))
+    y, gating = steer(*args, return_gating=True, backend=name)
+    logits = args[0].detach().float() @ w.detach().float().t() + b.detach().float()
+    assert 4e3 < logits.abs().max() <= 1e4
+    grads = torch.autograd.grad(y, _differentiable(args), torch.randn_like(y))
+    for t in (y, gating, *grads):
+        assert torch.isfinite(t).all()
+    torch.testing.assert_close(gating.sum(-1), torch.ones(gating.shape[:-1], device=device))
+
+
+# --------------------------------------------------------------------------------- autograd properties
+def _float64_inputs():
+    case = Case(shape=(2, 3, 5), experts=3, dtype=torch.float64, params="x")
+    return tuple(make_inputs(case, "cpu"))
+
+
+def test_gradcheck_reference():
+    assert torch.autograd.gradcheck(steer_reference, _float64_inputs())
+
+
+@pytest.mark.parametrize("return_gating", [False, True])
+def test_gradcheck_torch_backend(return_gating):
+    def fn(*args):
+        return steer(*args, return_gating=return_gating, backend="torch")
+    assert torch.autograd.gradcheck(fn, _float64_inputs())
+
+
+def test_backward_is_deterministic(backend):
+    """Two forward+backward passes give bitwise-identical outputs and gradients (several row blocks/program)."""
+    name, device = backend
+    args = make_inputs(Case(shape=(5, 37, 100), dtype=torch.bfloat16), device)
+    dy = torch.randn(args[0].shape, dtype=args[0].dtype, device=device)
+
+    def run():
+        y = steer(*args, backend=name)
+        return (y, *torch.autograd.grad(y, _differentiable(args), dy))
+    for first, second in zip(run(), run()):
+        assert torch.equal(first, second)
+
+
+def _saved_tensors(fn):
+    """Run fn under saved_tensors_hooks; returns (fn's output, every tensor autograd saved)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return fn(), saved
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_saved_tensor_budget(backend):
+    """Beyond the parameters steer saves only y (the output's storage) and the fp32 gating: rows·E·4 bytes;
+    the eager composition saves two or more rows×D tensors."""
+    name, device = backend
+    args = make_inputs(Case(shape=(2, 37, 100), dtype=torch.bfloat16), device)
+    x, params = args[0], args[1:]
+    rows, (e, d) = x.shape[0] * x.shape[1], params[0].shape
+    param_storages = {_storage(p) for p in params}
+
+    y, saved = _saved_tensors(lambda: steer(*args, backend=name))
+    extra = [t for t in saved if _storage(t) not in param_storages]
+    outputs = [t for t in extra if _storage(t) == _storage(y)]
+    others = [t for t in extra if _storage(t) != _storage(y)]
+    assert len(outputs) == 1 and outputs[0].numel() == rows * d
+    assert [(tuple(t.shape), t.dtype) for t in others] == [((rows, e), torch.float32)]
+    assert all(_storage(t) != _storage(x) for t in saved)
+
+    _, eager_saved = _saved_tensors(lambda: steer_reference(*args))
+    eager_rows_d = [t for t in eager_saved if _storage(t) not in param_storages and t.numel() == rows * d]
+    assert len(eager_rows_d) >= 2
+
+
+# --------------------------------------------------------------------------------------------- errors
+ERRORS = [  # (id, changes to the valid arguments, exception, message pattern)
+    ("x-not-tensor", lambda a: {"x": a["x"].tolist()}, TypeError, "x must be a torch.Tensor"),
+    ("x-0dim", lambda a: {"x": a["x"][0, 0, 0]}, ValueError, r"x must have shape \(\.\.\., D\)"),
+    ("x-int", lambda a: {"x": a["x"].long()}, TypeError, "x must be float32, bfloat16 or float16"),
+    ("x-complex", lambda a: {"x": a["x"].to(torch.complex64)}, TypeError, "x must be float32"),
+    ("W-rank1", lambda a: {"router_weight": a["router_weight"][0]}, ValueError, r"router_weight must have shape"),
+    ("W-rank3", lambda a: {"router_weight": a["router_weight"][None]}, ValueError, "router_weight must have shape"),
+    ("W-no-experts", lambda a: {"router_weight": a["router_weight"][:0]}, ValueError, "router_weight.*E >= 1"),
+    ("W-D", lambda a: {"router_weight": a["router_weight"][:, :-1]}, ValueError, r"router_weight .*\(E, 5\)"),
+    ("W-dtype", lambda a: {"router_weight": a["router_weight"].half()}, TypeError, "router_weight must be float32"),
+    ("W-list", lambda a: {"router_weight": a["router_weight"].tolist()}, ValueError, "router_weight must have"),
+    ("V-E", lambda a: {"vectors": a["vectors"][:-1]}, ValueError, r"vectors must have shape \(E, D\) = \(3, 5\)"),
+    ("V-D", lambda a: {"vectors": a["vectors"][:, 1:]}, ValueError, r"vectors must have shape .*\(3, 5\)"),
+    ("V-rank1", lambda a: {"vectors": a["vectors"][0]}, ValueError, "vectors must have shape"),
+    ("V-not-tensor", lambda a: {"vectors": 1.0}, TypeError, "vectors must be a torch.Tensor"),
+    ("b-E", lambda a: {"router_bias": a["router_bias"][:-1]}, ValueError, r"router_bias must have shape \(E,\)"),
+    ("b-rank2", lambda a: {"router_bias": a["router_bias"][None]}, ValueError, "router_bias must have shape"),
+    ("b-dtype", lambda a: {"router_bias": a["router_bias"].double()}, TypeError, "router_bias must be float32"),
+    ("W-device", lambda a: {"router_weight": a["router_weight"].to("meta")}, ValueError, "router_weight is on meta"),
+    ("V-device", lambda a: {"vectors": a["vectors"].to("meta")}, ValueError, "vectors is on meta"),
+    ("b-device", lambda a: {"router_bias": a["router_bias"].to("meta")}, ValueError, "router_bias is on meta"),
+    ("scale-device", lambda a: {"scale": a["scale"].to("meta")}, ValueError, "scale is on meta"),
+    ("x-device", lambda a: {"x": a["x"].to("meta")}, ValueError, "router_weight is on .* but x is on meta"),
+    ("scale-shape", lambda a: {"scale": a["scale"].expand(2)}, ValueError, "scale must be a scalar"),
+    ("scale-int", lambda a: {"scale": torch.tensor(2)}, TypeError, "scale must be a floating-point tensor"),
+    ("scale-str", lambda a: {"scale": "0.5"}, TypeError, "scale must be a float or a 1-element tensor"),
+    ("scale-bool", lambda a: {"scale": True}, TypeError, "scale must be a float"),
+    ("backend-name", lambda a: {"backend": "numpy"}, ValueError, "backend must be one of .*'numpy'"),
+    ("triton-E65", lambda a: {"router_weight": torch.randn(65, 5), "vectors": torch.randn(65, 5),
+                              "router_bias": None, "backend": "triton"}, RuntimeError, "1..64 experts, got E=65"),
+    ("triton-float64", lambda a: {k: v.double() for k, v in a.items() if isinstance(v, Tensor)}
+     | {"backend": "triton"}, RuntimeError, "backend 'triton' cannot run here: .*float64"),
+]
+
+
+@pytest.mark.parametrize("change, error, match", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_bad_arguments_raise(change, error, match):
+    args = dict(zip(("x", "router_weight", "router_bias", "vectors", "scale"),
+                    make_inputs(Case(shape=(2, 4, 5), experts=3, scale="1el"), "cpu")), backend="torch")
+    args.update(change(args))
+    if args["backend"] == "triton" and HAS_CUDA:
+        args = {k: v.cuda() if isinstance(v, Tensor) else v for k, v in args.items()}
+    with pytest.raises(error, match=match):
+        steer(**args)
+
+
+def test_explicit_backend_that_cannot_run_says_why(monkeypatch):
+    """An explicit backend that cannot run raises with available_backends' reason (the CUDA extension never runs
+    on CPU tensors; the Triton kernels do only in the interpreter)."""
+    args = make_inputs(Case(shape=(4, 5), experts=3), "cpu")
+    monkeypatch.setattr(steermoe.kernels, "INTERPRET", False)
+    for name in ("cuda", "triton"):
+        why = available_backends("cpu", explain=True)[name]
+        assert why != "available"
+        with pytest.raises(RuntimeError, match=re.escape(f"steermoe backend {name!r} cannot run here: {why}")):
+            steer(*args, backend=name)
+    assert "TRITON_INTERPRET=1" in why
+
+
+# ------------------------------------------------------------------------------------ backend choice
+def _record_backend_calls(monkeypatch) -> list:
+    """Wrap each runnable implementation's forward so that calls append its backend name to the returned list."""
+    calls = []
+    for name, module in (("torch", steermoe.reference), ("triton", steermoe.kernels)):
+
+        def forward(*args, _name=name, _orig=module.steer_forward):
+            calls.append(_name)
+            return _orig(*args)
+        monkeypatch.setattr(module, "steer_forward", forward)
+    return calls
+
+
+AUTO = "triton" if HAS_CUDA else "torch"
+
+
+@pytest.mark.parametrize("env, argument, expected", [
+    ("triton", None, "triton"), (" Torch ", None, "torch"), ("auto", None, AUTO), (None, None, AUTO),
+    ("torch", "triton", "triton"), ("triton", "auto", AUTO),
+])
+def test_backend_choice_honours_env(monkeypatch, env, argument, expected):
+    if env is None:
+        monkeypatch.delenv("STEERMOE_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("STEERMOE_BACKEND", env)
+    calls = _record_backend_calls(monkeypatch)
+    steer(*make_inputs(Case(shape=(4, 5), experts=3), KERNEL_DEVICE), backend=argument)
+    assert calls == [expected]
+
+
+def test_bad_env_backend_raises(monkeypatch):
+    monkeypatch.setenv("STEERMOE_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="backend must be one of .*'fastest'"):
+        steer(*make_inputs(Case(shape=(4, 5), experts=3), "cpu"))
+
+
+def test_available_backends_explains():
+    reasons = available_backends("cpu", explain=True)
+    assert set(reasons) == {"torch", "triton", "cuda"}
+    assert all(isinstance(why, str) and why for why in reasons.values())
+    assert available_backends("cpu") == [n for n, why in reasons.items() if why == "available"]
+    assert reasons["torch"] == "available"
+    assert reasons["cuda"] != "available"  # the extension never runs on CPU tensors
+    if not HAS_CUDA:
+        assert reasons["triton"] == "available"  # in the interpreter
+
+
+# --------------------------------------------------------------------------------------- torch.compile
+def test_compile_fullgraph_matches_eager():
+    """torch.compile(fullgraph=True) traces steer (custom op + fake + autograd) with no graph break."""
+    torch._dynamo.reset()
+    args = make_inputs(Case(shape=(2, 5, 33), experts=3, dtype=torch.bfloat16), "cpu")
+
+    def fn(*a):
+        y, gating = steer(*a, return_gating=True, backend="torch")
+        return y * 2, gating
+
+    compiled = torch.compile(fn, fullgraph=True)
+    dy = torch.randn(args[0].shape, dtype=args[0].dtype)
+    dgating = torch.randn(*args[0].shape[:-1], 3)
+    results = []
+    for f in (fn, compiled):
+        y, gating = f(*args)
+        results.append((y, gating, *torch.autograd.grad([y, gating], _differentiable(args), [dy, dgating])))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=TOLERANCE[torch.bfloat16], atol=1e-5)
