@@ -1,0 +1,235 @@
+"""The run configuration: one dataclass tree, loaded from YAML and overridden by dotted ``key=value`` pairs.
+
+Sections: ``model`` (what :meth:`SteerMoEModel.from_pretrained` takes), ``data`` (parquet sources and filters),
+``train`` (the loop), and the top-level ``output_dir``. An unknown key anywhere is an error naming the key,
+so a typo never trains silently with a default.
+"""
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    whisper: str = ""                     # Whisper checkpoint (directory or hub id); only its encoder is used
+    llm: str = ""                         # any AutoModelForCausalLM checkpoint (directory or hub id)
+    dtype: str = "bfloat16"               # frozen weights: bfloat16 | float16 | float32 (trainables stay fp32)
+    num_experts: int = 8
+    steering_scale: float = 0.1
+    layers: Optional[List[int]] = None    # encoder layers to steer (None: all)
+    downsample: int = 4                   # frames stacked/pooled per LLM token (50 Hz -> 12.5 Hz)
+    downsample_mode: str = "stack"        # stack | avg | max
+    projector: str = "linear"             # linear | mlp
+    prompt: str = "Transcribe the audio."
+    max_new_tokens: int = 128             # greedy decoding budget for evaluation and transcription
+
+
+@dataclass
+class DataConfig:
+    train: List[str] = field(default_factory=list)   # parquet files, directories or globs
+    eval: List[str] = field(default_factory=list)
+    audio_column: str = "audio"
+    text_column: str = "text"
+    prompt_column: Optional[str] = None
+    id_column: Optional[str] = None
+    min_seconds: Optional[float] = None
+    max_seconds: Optional[float] = 30.0   # Whisper's window; evaluation skips (and counts) longer rows too
+    max_text_tokens: Optional[int] = None
+    bucket_size: Optional[int] = None     # rows sorted by length together (None: 64 batches' worth)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8                   # per process; global batch = batch_size * grad_accum * world size
+    grad_accum: int = 1
+    max_steps: int = 1000                 # optimizer steps
+    warmup_steps: int = 100               # linear warmup, then cosine decay to min_lr_ratio * lr at max_steps
+    min_lr_ratio: float = 0.1
+    lr_router: float = 1e-3
+    lr_vectors: float = 1e-3
+    lr_scales: float = 1e-3
+    lr_projector: float = 2e-4
+    weight_decay: float = 0.01            # applied to matrices only (router, vectors, projector weights)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0                # global gradient-norm clip (0 disables)
+    seed: int = 0
+    log_every: int = 10                   # steps between metrics lines
+    eval_every: int = 0                   # steps between evaluations (0: only at the end, when data.eval is set)
+    eval_utterances: int = 200            # the first N utterances of data.eval, in file order
+    eval_batch_size: int = 8
+    save_every: int = 500                 # steps between checkpoints (the last step is always saved)
+    keep_checkpoints: int = 2             # newest checkpoints kept (0: all)
+    gradient_checkpointing: bool = False
+    aux_loss_weight: float = 0.0          # load-balancing loss on the router's gating
+    max_nonfinite_steps: int = 10         # consecutive non-finite steps before the run stops
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/steermoe"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        """Check the values a run needs; raises ConfigError naming the key."""
+        m, d, t = self.model, self.data, self.train
+        _require(bool(m.whisper), "model.whisper", "a Whisper checkpoint path or hub id")
+        _require(bool(m.llm), "model.llm", "a causal-LM checkpoint path or hub id")
+        _require(m.dtype in ("bfloat16", "float16", "float32"), "model.dtype", "bfloat16, float16 or float32",
+                 m.dtype)
+        _require(m.num_experts >= 1, "model.num_experts", ">= 1", m.num_experts)
+        _require(m.downsample >= 1, "model.downsample", ">= 1", m.downsample)
+        _require(m.downsample_mode in ("stack", "avg", "max"), "model.downsample_mode", "stack, avg or max",
+                 m.downsample_mode)
+        _require(m.projector in ("linear", "mlp"), "model.projector", "linear or mlp", m.projector)
+        _require(m.max_new_tokens >= 1, "model.max_new_tokens", ">= 1", m.max_new_tokens)
+        _require(len(d.train) > 0, "data.train", "at least one parquet file, directory or glob")
+        for key in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_batch_size", "save_every"):
+            _require(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
+        for key in ("warmup_steps", "eval_every", "eval_utterances", "keep_checkpoints", "weight_decay",
+                    "grad_clip", "aux_loss_weight"):
+            _require(getattr(t, key) >= 0, f"train.{key}", ">= 0", getattr(t, key))
+        for key in ("lr_router", "lr_vectors", "lr_scales", "lr_projector"):
+            _require(getattr(t, key) >= 0, f"train.{key}", ">= 0", getattr(t, key))
+        _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "in [0, 1]", t.min_lr_ratio)
+        _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
+                 "two numbers in [0, 1)", t.betas)
+        _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", ">= 1", t.max_nonfinite_steps)
+        _require(bool(self.output_dir), "output_dir", "a directory path")
+        return self
+
+
+def _require(ok: bool, key: str, expected: str, got: Any = dataclasses.MISSING) -> None:
+    if not ok:
+        tail = "" if got is dataclasses.MISSING else f", got {got!r}"
+        raise ConfigError(f"config key '{key}' must be {expected}{tail}")
+
+
+class _Override(str):
+    """The raw text of a command-line value: kept verbatim for ``str`` keys, read as YAML for the others."""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (ints widen to floats, a string to a one-item list)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(value, _Override):
+        if tp is str:
+            return str(value)
+        if origin is typing.Union and str in args:  # Optional[str]: null, ~ or nothing means None
+            return None if value.strip() in ("", "null", "~", "None") else str(value)
+        try:
+            value = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config key '{key}': {str(value)!r} is not valid YAML ({err})") from None
+    if origin is typing.Union:                       # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin in (list, List):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):      # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: Dict[str, Any], prefix: str) -> Any:
+    """An instance of dataclass ``cls`` from a (possibly partial) mapping; unknown keys are errors."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            where = f" in '{prefix.rstrip('.')}'" if prefix else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}' (known keys{where}: {', '.join(names)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
+    """``tree[a][b] = value`` for ``dotted == "a.b"``, creating sections on the way."""
+    *sections, leaf = dotted.split(".")
+    node = tree
+    for i, name in enumerate(sections):
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{dotted}': '{'.'.join(sections[:i + 1])}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+    """``["train.lr_router=1e-3", "data.train=[a.parquet,b.parquet]"]`` -> nested dict of raw values.
+
+    A value is read as YAML (numbers, booleans, ``null``, ``[lists]``) unless its key holds text.
+    """
+    tree: Dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(tree, key.strip(), _Override(raw))
+    return tree
+
+
+def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """The validated Config from YAML file ``path`` (None: defaults) with dotted ``overrides`` applied."""
+    values: Dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    values = _merge(values, parse_overrides(overrides))
+    return _build(Config, values, "").validate()
+
+
+def save_config(config: Config, path: str) -> None:
+    """Write ``config`` as YAML, atomically."""
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

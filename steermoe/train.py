@@ -1,0 +1,353 @@
+"""The training loop, readable top to bottom; runs alone or under torchrun.
+
+    python -m steermoe.train --config run.yaml [section.key=value ...] [--resume | --overwrite]
+    torchrun --nproc_per_node 8 -m steermoe.train --config run.yaml
+
+One optimizer step reads ``grad_accum`` micro-batches of ``batch_size`` examples on every process. The loss is
+the mean over all target tokens of that global batch: each micro-batch backpropagates its token-summed loss,
+and the accumulated gradient is divided by the global token count (summed over micro-batches and processes)
+before clipping, so an update does not depend on how the global batch is split.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import (CheckpointError, atomic_write_text, check_output_dir, load_training_state, remove_checkpoints, rng_state,
+                         save_checkpoint, set_rng_state)
+from .config import Config, DataConfig, ModelConfig, TrainConfig, save_config
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. too many non-finite losses in a row); the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+
+def lr_lambda(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier for optimizer step ``step`` (0-based): linear warmup, then cosine down to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(groups: Dict[str, List[torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with one learning rate per named group (``lr_router``, ``lr_vectors``, ...).
+
+    Each group is split by shape: matrices get ``weight_decay``, vectors and scalars (biases, scales) none.
+    """
+    param_groups = []
+    for name, params in groups.items():
+        lr = getattr(cfg, f"lr_{name}", None)
+        if lr is None:
+            raise ValueError(f"no learning rate for parameter group {name!r}: expected a train.lr_{name} key")
+        for decay in (True, False):
+            chosen = [p for p in params if p.requires_grad and (p.ndim >= 2) == decay]
+            if chosen:
+                param_groups.append({"params": chosen, "lr": lr, "name": name,
+                                     "weight_decay": cfg.weight_decay if decay else 0.0})
+    return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas))
+
+
+@dataclass
+class Distributed:
+    """Where this process runs: ``rank`` of ``world_size``, its device, and whether it logs and saves."""
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: torch.Tensor) -> List[float]:
+        """Element-wise sum of the (n,) tensor ``values`` over all processes, as Python floats (one sync)."""
+        values = values.to(self.device, torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(values)
+        return values.tolist()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init_distributed(device: str) -> Distributed:
+    """Join the torchrun process group when one is set up (nccl on GPUs, gloo on CPU); pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Distributed(rank=rank, world_size=world_size, device=dev)
+
+
+def autocast_for(model) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on CUDA when the frozen weights are half precision; nothing otherwise (CPU, float32)."""
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(model.config["dtype"])
+    if dtype is not None and model.device.type == "cuda":
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def build_model(m: ModelConfig, device: torch.device):
+    """The :class:`SteerMoEModel` ``m`` describes, its frozen bases loaded from their checkpoints, on ``device``."""
+    from .model import SteerMoEModel
+
+    return SteerMoEModel.from_pretrained(
+        m.whisper, m.llm, dtype=m.dtype, num_experts=m.num_experts, steering_scale=m.steering_scale,
+        layers=m.layers, downsample=m.downsample, downsample_mode=m.downsample_mode, projector=m.projector,
+        prompt=m.prompt, device=device)
+
+
+def open_source(data: DataConfig, paths: List[str], *, tokenizer=None, for_eval: bool = False):
+    """A :class:`ParquetSpeechSource` over ``paths`` with ``data``'s columns and filters.
+
+    ``for_eval`` keeps every row Whisper can take (only ``max_seconds`` applies): an evaluation set is never
+    filtered by the training limits.
+    """
+    from .data import ParquetSpeechSource
+
+    return ParquetSpeechSource(
+        paths, audio_column=data.audio_column, text_column=data.text_column, prompt_column=data.prompt_column,
+        id_column=data.id_column, max_seconds=data.max_seconds,
+        min_seconds=None if for_eval else data.min_seconds,
+        max_text_tokens=None if for_eval else data.max_text_tokens,
+        tokenizer=None if for_eval or data.max_text_tokens is None else tokenizer)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class MetricsLog:
+    """Append-only JSONL at ``output_dir/metrics.jsonl``, one object per line; written on the main process only.
+
+    On resume, lines from beyond the resumed step (written by the interrupted run) are dropped first.
+    """
+
+    def __init__(self, path: Optional[str], resume_step: Optional[int] = None):
+        self.path = path
+        if path is None:
+            return
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        atomic_write_text(path, "".join(kept))
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict[str, Any]:
+    """Train as ``cfg`` says; returns ``{"step", "loss", "checkpoint", "eval", "nonfinite_steps"}``."""
+    from tqdm.auto import tqdm
+
+    from .analysis import load_balancing_loss
+    from .data import SpeechBatches
+    from .evaluate import eval_batches, evaluate, text_normalizer
+
+    tc = cfg.train
+    env = init_distributed(tc.device)
+    resume_from = check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
+    seed_everything(tc.seed)
+
+    # ---- model: frozen Whisper encoder + frozen LLM, trainable steering and projector (fp32)
+    m = cfg.model
+    model = build_model(m, env.device)
+    if resume_from is not None:
+        try:
+            model.load_trainable(resume_from)
+        except Exception as err:  # noqa: BLE001 - an unreadable or mismatched checkpoint, however it fails
+            raise CheckpointError(f"cannot resume from {resume_from}: {err}") from err
+    if tc.gradient_checkpointing:
+        model.encoder.gradient_checkpointing_enable()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # ---- optimizer (one LR per group) and schedule (warmup, then cosine to max_steps)
+    optimizer = build_optimizer(model.trainable_parameter_groups(), tc)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
+        s, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, min_lr_ratio=tc.min_lr_ratio))
+
+    # ---- data: length-grouped batches, sharded over processes, the same number of batches on each
+    train_batches = SpeechBatches(open_source(cfg.data, cfg.data.train, tokenizer=model.tokenizer), tc.batch_size,
+                                  bucket_size=cfg.data.bucket_size, shuffle=True, seed=tc.seed, rank=env.rank,
+                                  world_size=env.world_size)
+    step = 0
+    if resume_from is not None:
+        state = load_training_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        train_batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+    batch_iter = iter(train_batches)
+
+    def next_batch():
+        nonlocal batch_iter
+        for _ in range(2):
+            try:
+                return next(batch_iter)
+            except StopIteration:           # end of epoch: the data's own state knows which epoch comes next
+                batch_iter = iter(train_batches)
+        raise TrainingError(f"the training data yields no batch: {', '.join(cfg.data.train)} "
+                            f"(skipped rows: {dict(train_batches.source.skipped) or 'none'})")
+
+    # ---- distributed wrapper: gradients of the trainable tensors are averaged over processes
+    ddp = model
+    if env.world_size > 1:
+        ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+    # ---- outputs: config, metrics log, progress bar (main process only)
+    if env.is_main:
+        if overwrite:
+            remove_checkpoints(cfg.output_dir)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    env.barrier()
+    log = MetricsLog(os.path.join(cfg.output_dir, METRICS_FILE) if env.is_main else None,
+                     resume_step=step if resume_from is not None else None)
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not env.is_main, dynamic_ncols=True, desc="train")
+    normalize = text_normalizer(m.whisper)
+
+    def run_eval(at_step: int) -> Optional[Dict[str, Any]]:
+        """Greedy WER/CER on the first ``eval_utterances`` of ``data.eval`` (main process; others wait)."""
+        summary = None
+        if env.is_main and cfg.data.eval:
+            source = open_source(cfg.data, cfg.data.eval, for_eval=True)
+            summary = evaluate(model, eval_batches(source, tc.eval_batch_size, limit=tc.eval_utterances),
+                               normalize=normalize, max_new_tokens=m.max_new_tokens)
+            log.write({"step": at_step, **{f"eval/{k}": v for k, v in summary.items() if k != "gating"}})
+            bar.write(f"step {at_step}: eval WER {summary['wer']:.2%} CER {summary['cer']:.2%} "
+                      f"loss {summary['loss']:.4f} on {summary['utterances']} utterances")
+        env.barrier()
+        return summary
+
+    def checkpoint() -> str:
+        path = None
+        if env.is_main:
+            # the data position is the same on every process; the RNG state is the main process's (the loop
+            # draws no random numbers: the frozen parts have no dropout and the data order is seeded)
+            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "data": train_batches.state_dict(), "rng": rng_state()}
+            path = save_checkpoint(cfg.output_dir, step, model, state, keep=tc.keep_checkpoints)
+        env.barrier()
+        return path
+
+    # ---- the loop
+    model.train()
+    loss = float("nan")
+    nonfinite_total = nonfinite_in_a_row = 0
+    checkpoint_path, eval_summary = resume_from, None
+    while step < tc.max_steps:
+        t_start = time.perf_counter()
+        micro_batches = [next_batch() for _ in range(tc.grad_accum)]
+        # this process's sums over its micro-batches: token loss, target tokens, token-weighted aux loss, samples
+        sums = torch.zeros(4, dtype=torch.float64, device=env.device)
+        for i, batch in enumerate(micro_batches):
+            features, mask = model.features(batch.to(env.device))
+            last = i == len(micro_batches) - 1
+            # gradients are all-reduced over processes only on the last micro-batch
+            sync = ddp.no_sync() if env.world_size > 1 and not last else contextlib.nullcontext()
+            with sync:
+                with autocast_for(model):
+                    out = ddp(features, attention_mask=mask, texts=batch.texts, prompts=batch.prompts,
+                              return_gating=tc.aux_loss_weight > 0)
+                objective = out.loss_sum.float()
+                aux = torch.zeros((), device=env.device)
+                if tc.aux_loss_weight > 0:   # token-weighted, like the main loss
+                    aux = load_balancing_loss(out.gating, mask=out.gating_mask) * out.num_tokens
+                    objective = objective + tc.aux_loss_weight * aux
+                objective.backward()
+            sums += torch.stack([out.loss_sum.detach().double(), out.num_tokens.double(), aux.detach().double(),
+                                 torch.tensor(len(batch), dtype=torch.float64, device=env.device)])
+
+        # mean over the global batch's target tokens (DDP already averaged over processes: undo, then divide)
+        loss_sum, tokens, aux_sum, samples = env.all_sum(sums)
+        for p in trainable:
+            if p.grad is not None:
+                p.grad.mul_(env.world_size / max(tokens, 1.0))
+        loss = loss_sum / max(tokens, 1.0)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else math.inf))
+        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            optimizer.step()
+            nonfinite_in_a_row = 0
+        else:
+            nonfinite_total += 1
+            nonfinite_in_a_row += 1
+            bar.write(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}; step skipped "
+                      f"({nonfinite_in_a_row} in a row, {nonfinite_total} in total)")
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+
+        seconds = time.perf_counter() - t_start
+        record = {"step": step, "loss": loss, "grad_norm": grad_norm, "tokens": int(tokens), "samples": int(samples),
+                  "seconds": seconds, "samples_per_s": samples / seconds, "skipped": nonfinite_total,
+                  **{f"lr/{k}": v for k, v in lrs.items()}}
+        if tc.aux_loss_weight > 0:
+            record["aux_loss"] = aux_sum / max(tokens, 1.0)
+        log.write(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs.get('vectors', next(iter(lrs.values()))):.2e}",
+                        samples_s=f"{record['samples_per_s']:.1f}")
+        if step % tc.log_every == 0:
+            bar.write(f"step {step}: loss {loss:.4f}  grad norm {grad_norm:.3f}  "
+                      f"{record['samples_per_s']:.1f} samples/s")
+        if nonfinite_in_a_row >= tc.max_nonfinite_steps:
+            bar.close()
+            raise TrainingError(f"stopped at step {step}: {nonfinite_in_a_row} steps in a row had a non-finite loss "
+                                f"or gradient; lower the learning rates, check the data, or resume from the last "
+                                f"checkpoint in {cfg.output_dir}")
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+            eval_summary = run_eval(step)
+        if step % tc.save_every == 0 or step == tc.max_steps:
+            checkpoint_path = checkpoint()
+    bar.close()
+    if cfg.data.eval:
+        eval_summary = run_eval(step)
+    return {"step": step, "loss": loss, "checkpoint": checkpoint_path, "eval": eval_summary,
+            "nonfinite_steps": nonfinite_total}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m steermoe.train ...``: the same as ``steermoe train ...``."""
+    from .cli import main as cli_main
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

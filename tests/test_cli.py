@@ -1,0 +1,127 @@
+"""The ``steermoe`` command: bad input ends with one clear line on stderr, a non-zero exit, nothing overwritten."""
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from test_train import tiny_assets, tiny_config, tiny_run
+
+from steermoe.checkpoint import list_checkpoints
+from steermoe.cli import main
+from steermoe.config import save_config
+
+
+def snapshot(directory):
+    """{relative path: sha256} of every file under ``directory``."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def fails(capsys, argv, code, *needles):
+    """Run ``steermoe argv``; check the exit ``code`` and that stderr holds one line containing ``needles``."""
+    capsys.readouterr()
+    assert main(argv) == code
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.strip() and not re.match(r"^\r?(Loading weights|Writing model shards)", line)]
+    assert len(err) == 1, err
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+@pytest.fixture
+def run_copy(tmp_path):
+    """A copy of a finished run (config.yaml + checkpoints) that a test may try to damage."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run(), out)
+    with open(out / "config.yaml") as f:
+        values = yaml.safe_load(f)
+    values["output_dir"] = str(out)
+    with open(out / "config.yaml", "w") as f:
+        yaml.safe_dump(values, f)
+    return out
+
+
+def test_help_and_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "train" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--data", "x.parquet"])           # --checkpoint missing: argparse's own usage error
+    assert exc.value.code == 2
+
+
+def test_unknown_config_key_and_bad_override(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    save_config(tiny_config(tmp_path / "out"), str(config))
+    fails(capsys, ["train", "--config", str(config), "train.lr_routr=1e-3"], 2,
+          "unknown config key 'train.lr_routr'")
+    fails(capsys, ["train", "--config", str(config), "train.batch_size=two"], 2, "train.batch_size", "int")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_checkpoints_need_resume_or_overwrite(run_copy, capsys):
+    before = snapshot(run_copy)
+    fails(capsys, ["train", "--config", str(run_copy / "config.yaml")], 1,
+          "already holds checkpoints", "--resume", "--overwrite")
+    assert snapshot(run_copy) == before
+
+
+def test_missing_data_path_overwrites_nothing(run_copy, capsys):
+    before = snapshot(run_copy)
+    for flag in ("--resume", "--overwrite"):
+        fails(capsys, ["train", "--config", str(run_copy / "config.yaml"), flag, "data.train=/no/such/speech.parquet"],
+              1, "/no/such/speech.parquet")
+        assert snapshot(run_copy) == before
+    fails(capsys, ["eval", "--checkpoint", str(run_copy), "--data", str(run_copy / "missing.parquet")], 1,
+          "missing.parquet")
+
+
+def test_config_checkpoint_mismatch_on_resume(run_copy, capsys):
+    before = snapshot(run_copy)
+    fails(capsys, ["train", "--config", str(run_copy / "config.yaml"), "--resume", "model.num_experts=5"], 1,
+          "cannot resume", "num_experts")
+    other_whisper = os.path.join(tiny_assets()["root"], "other-whisper")
+    if not os.path.isdir(other_whisper):
+        from steermoe.demo.tiny_models import build_tiny_whisper
+        build_tiny_whisper(other_whisper, d_model=48, layers=3, heads=2, ffn_dim=48)
+    fails(capsys, ["train", "--config", str(run_copy / "config.yaml"), "--resume", f"model.whisper={other_whisper}"],
+          1, "cannot resume", "layers is [0, 1] but this model's is [0, 1, 2]")
+    assert snapshot(run_copy) == before
+    # eval on a base of another width: the checkpoint's tensors do not fit
+    fails(capsys, ["eval", "--checkpoint", str(run_copy), "--data", tiny_assets()["rows4"], "--whisper", other_whisper,
+                 "--device", "cpu"], 1, "cannot load checkpoint")
+
+
+def test_unreadable_checkpoint(run_copy, tmp_path, capsys):
+    (_, newest), = list_checkpoints(str(run_copy))[-1:]
+    with open(os.path.join(newest, "trainable.safetensors"), "wb") as f:
+        f.write(b"\x00garbage")
+    fails(capsys, ["eval", "--checkpoint", newest, "--data", tiny_assets()["rows4"], "--device", "cpu"], 1,
+          "cannot load checkpoint", newest)
+    fails(capsys, ["transcribe", "--checkpoint", str(tmp_path / "nowhere"), "a.wav"], 1, "checkpoint not found")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(capsys, ["transcribe", "--checkpoint", str(empty), "a.wav"], 1, "not a SteerMoE checkpoint")
+    assert not os.listdir(empty)
+
+
+def test_console_script_reports_one_line_and_fails(tmp_path):
+    exe = shutil.which("steermoe")
+    cmd = [exe] if exe else [sys.executable, "-m", "steermoe.cli"]
+    proc = subprocess.run(cmd + ["train", "--config", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"steermoe train: error: config file not found: "
+                                                f"{tmp_path / 'missing.yaml'}"]
+    proc = subprocess.run([sys.executable, "-m", "steermoe.train", "--config", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "config file not found" in proc.stderr

@@ -1,0 +1,91 @@
+"""The run configuration: YAML + dotted overrides, type checks, unknown keys named."""
+import os
+
+import pytest
+import yaml
+
+from steermoe.config import Config, ConfigError, load_config, parse_overrides, save_config
+
+BASE = {"model": {"whisper": "w", "llm": "l"}, "data": {"train": ["t.parquet"]}}
+
+
+def write_yaml(tmp_path, values, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_yaml_then_overrides(tmp_path):
+    values = {**BASE, "train": {"batch_size": 3, "lr_router": 0.01}, "output_dir": str(tmp_path / "out")}
+    cfg = load_config(write_yaml(tmp_path, values),
+                      ["train.lr_router=2e-3", "train.grad_accum=5", "model.layers=[0, 2]",
+                       "data.eval=e.parquet", "model.prompt=Say it: now", "train.gradient_checkpointing=true",
+                       "data.prompt_column=question", "data.max_seconds=null"])
+    assert cfg.train.batch_size == 3                   # from the file
+    assert cfg.train.lr_router == pytest.approx(2e-3)  # override wins
+    assert cfg.train.grad_accum == 5
+    assert cfg.model.layers == [0, 2]
+    assert cfg.data.eval == ["e.parquet"]              # a single string becomes a one-item list
+    assert cfg.model.prompt == "Say it: now"           # '=' and ':' inside the value survive
+    assert cfg.train.gradient_checkpointing is True
+    assert cfg.data.prompt_column == "question" and cfg.data.max_seconds is None
+    assert load_config(write_yaml(tmp_path, values), ["data.prompt_column=null"]).data.prompt_column is None
+    assert cfg.train.lr_vectors == Config().train.lr_vectors  # untouched keys keep defaults
+
+
+def test_ints_widen_to_float_but_not_the_reverse(tmp_path):
+    cfg = load_config(write_yaml(tmp_path, BASE), ["train.lr_scales=1", "train.grad_clip=0"])
+    assert isinstance(cfg.train.lr_scales, float) and cfg.train.lr_scales == 1.0
+    with pytest.raises(ConfigError, match="train.batch_size.*int"):
+        load_config(write_yaml(tmp_path, BASE), ["train.batch_size=2.5"])
+    with pytest.raises(ConfigError, match="train.max_steps.*int"):
+        load_config(write_yaml(tmp_path, BASE), ["train.max_steps=true"])
+
+
+@pytest.mark.parametrize("values, overrides, key", [
+    ({**BASE, "train": {"lr_routr": 1e-3}}, [], "train.lr_routr"),
+    (BASE, ["train.lr_routr=1e-3"], "train.lr_routr"),
+    (BASE, ["modle.whisper=x"], "modle"),
+    ({**BASE, "extra": 1}, [], "extra"),
+])
+def test_unknown_keys_are_named(tmp_path, values, overrides, key):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
+        load_config(write_yaml(tmp_path, values), overrides)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.batch_size=0", "train.batch_size"),
+    ("model.dtype=fp8", "model.dtype"),
+    ("model.projector=conv", "model.projector"),
+    ("train.min_lr_ratio=2", "train.min_lr_ratio"),
+    ("data.train=[]", "data.train"),
+    ("model.whisper=", "model.whisper"),
+])
+def test_bad_values_are_named(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(write_yaml(tmp_path, BASE), [override])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["train.batch_size"])
+    with pytest.raises(ConfigError, match="'train.batch_size'.*not a section"):
+        load_config(write_yaml(tmp_path, BASE), ["train.batch_size=2", "train.batch_size.x=1"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_save_round_trips(tmp_path):
+    cfg = load_config(write_yaml(tmp_path, BASE), ["train.lr_projector=3e-5", "model.layers=[1]"])
+    path = tmp_path / "saved.yaml"
+    save_config(cfg, str(path))
+    assert load_config(str(path)) == cfg
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("path", ["configs/whisper-large-v3-qwen2.5-1.5b.yaml", "steermoe/demo/demo.yaml"])
+def test_shipped_configs_load(path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fill = ["model.whisper=w", "model.llm=l", "data.train=t.parquet"] if "demo" in path else []
+    cfg = load_config(os.path.join(root, path), fill)
+    assert cfg.train.max_steps > cfg.train.warmup_steps

@@ -1,0 +1,309 @@
+"""The training loop and its pieces: LR schedule, optimizer groups, checkpoints, resume, accumulation."""
+import atexit
+import functools
+import math
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+import steermoe
+import steermoe.train
+from steermoe.checkpoint import (CheckpointError, check_output_dir, latest_checkpoint, list_checkpoints,
+                                 load_training_state, rng_state, save_checkpoint, set_rng_state, step_dir)
+from steermoe.config import Config, TrainConfig, load_config
+from steermoe.train import MetricsLog, TrainingError, build_optimizer, lr_lambda, read_metrics, train
+
+
+# ------------------------------------------------------------------------------------------ schedule, optimizer
+
+def test_lr_schedule_warmup_then_cosine():
+    kw = dict(warmup_steps=4, max_steps=20, min_lr_ratio=0.1)
+    mults = [lr_lambda(s, **kw) for s in range(21)]
+    assert mults[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    for s in range(4, 21):   # independent formula: cosine from 1 down to the floor over the remaining steps
+        t = (s - 4) / 16
+        assert mults[s] == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi * t)) / 2)
+    assert all(a >= b for a, b in zip(mults[3:], mults[4:]))
+    assert mults[20] == pytest.approx(0.1)
+    assert lr_lambda(0, warmup_steps=0, max_steps=5, min_lr_ratio=0.0) == pytest.approx(1.0)
+
+
+def test_each_group_gets_its_own_lr_and_matrices_only_decay():
+    torch.manual_seed(0)
+    router_w, router_b = torch.nn.Parameter(torch.randn(3, 5)), torch.nn.Parameter(torch.randn(3))
+    vectors, scales = torch.nn.Parameter(torch.randn(2, 3, 5)), torch.nn.Parameter(torch.randn(2))
+    proj_w, proj_b = torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(7))
+    groups = {"router": [router_w, router_b], "vectors": [vectors], "scales": [scales], "projector": [proj_w, proj_b]}
+    cfg = TrainConfig(lr_router=1e-1, lr_vectors=2e-2, lr_scales=3e-3, lr_projector=4e-4, weight_decay=0.05)
+    opt = build_optimizer(groups, cfg)
+    seen = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            seen[id(p)] = (g["name"], g["lr"], g["weight_decay"])
+    assert seen[id(router_w)] == ("router", 1e-1, 0.05)
+    assert seen[id(router_b)] == ("router", 1e-1, 0.0)
+    assert seen[id(vectors)] == ("vectors", 2e-2, 0.05)
+    assert seen[id(scales)] == ("scales", 3e-3, 0.0)
+    assert seen[id(proj_w)] == ("projector", 4e-4, 0.05)
+    assert seen[id(proj_b)] == ("projector", 4e-4, 0.0)
+    assert len(seen) == 6
+
+    # the rates are the ones the update uses: one SGD-like Adam step moves each tensor by ~lr
+    before = {n: [p.detach().clone() for p in ps] for n, ps in groups.items()}
+    for ps in groups.values():
+        for p in ps:
+            p.grad = torch.ones_like(p)
+    opt = build_optimizer(groups, TrainConfig(lr_router=1e-1, lr_vectors=2e-2, lr_scales=3e-3, lr_projector=4e-4,
+                                              weight_decay=0.0))
+    opt.step()
+    for name, lr in (("router", 1e-1), ("vectors", 2e-2), ("scales", 3e-3), ("projector", 4e-4)):
+        for p, p0 in zip(groups[name], before[name]):
+            torch.testing.assert_close(p0 - p.detach(), torch.full_like(p0, lr), rtol=1e-3, atol=1e-7)
+
+
+def test_unknown_group_is_an_error():
+    with pytest.raises(ValueError, match="lr_gates"):
+        build_optimizer({"gates": [torch.nn.Parameter(torch.ones(2))]}, TrainConfig())
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+class FakeModel:
+    """Writes one file like save_trainable does; can be told to crash halfway."""
+
+    def __init__(self, value, crash=False):
+        self.value, self.crash = value, crash
+
+    def save_trainable(self, path):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "weights.txt"), "w") as f:
+            f.write(str(self.value))
+        if self.crash:
+            raise OSError("disk full")
+
+
+def test_checkpoint_write_discovery_and_pruning(tmp_path):
+    out = str(tmp_path)
+    assert latest_checkpoint(out) is None
+    for step in (2, 4, 10):
+        save_checkpoint(out, step, FakeModel(step), {"step": step, "x": torch.arange(step)}, keep=2)
+    assert [s for s, _ in list_checkpoints(out)] == [4, 10]
+    assert latest_checkpoint(out) == step_dir(out, 10)
+    state = load_training_state(latest_checkpoint(out))
+    assert state["step"] == 10 and torch.equal(state["x"], torch.arange(10))
+
+    # a crash mid-save leaves the earlier checkpoints intact and no new step directory
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(out, 12, FakeModel(12, crash=True), {"step": 12}, keep=2)
+    assert [s for s, _ in list_checkpoints(out)] == [4, 10]
+    assert open(os.path.join(step_dir(out, 10), "weights.txt")).read() == "10"
+    assert not os.path.exists(step_dir(out, 12))
+    # the next save cleans the leftovers; saving the same step again replaces it whole
+    save_checkpoint(out, 10, FakeModel("again"), {"step": 10}, keep=0)
+    assert open(os.path.join(step_dir(out, 10), "weights.txt")).read() == "again"
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000004", "step_00000010"]
+
+
+def test_output_dir_guard(tmp_path):
+    out = str(tmp_path)
+    assert check_output_dir(out, resume=False, overwrite=False) is None
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        check_output_dir(out, resume=True, overwrite=False)
+    save_checkpoint(out, 3, FakeModel(3), {"step": 3})
+    with pytest.raises(CheckpointError, match="already holds checkpoints.*--resume.*--overwrite"):
+        check_output_dir(out, resume=False, overwrite=False)
+    assert check_output_dir(out, resume=True, overwrite=False) == step_dir(out, 3)
+    assert check_output_dir(out, resume=False, overwrite=True) is None
+    assert os.path.isdir(step_dir(out, 3))           # deciding deletes nothing
+
+
+def test_rng_state_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+    state = rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
+
+
+def test_metrics_log_drops_lines_past_the_resumed_step(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    log = MetricsLog(path)
+    for step in range(1, 6):
+        log.write({"step": step, "loss": 1.0 / step})
+    MetricsLog(path, resume_step=3).write({"step": 4, "loss": 0.0})
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.0)]
+    MetricsLog(path)                                  # a fresh run starts an empty log
+    assert read_metrics(path) == []
+
+
+# ------------------------------------------------------------------------------------------ the loop, end to end
+
+@functools.lru_cache(maxsize=None)
+def tiny_assets() -> dict:
+    """Tiny random Whisper + Llama-style LLM on disk and parquet slices of the bundled speech (built once)."""
+    import pyarrow.parquet as pq
+
+    from steermoe.demo.tiny_models import build_tiny_llm, build_tiny_whisper
+
+    root = tempfile.mkdtemp(prefix="steermoe-tiny-")
+    atexit.register(shutil.rmtree, root, True)
+    assets = {"root": root,
+              "whisper": build_tiny_whisper(os.path.join(root, "whisper"), d_model=32, layers=2, heads=2, ffn_dim=48),
+              "llm": build_tiny_llm(os.path.join(root, "llm"), hidden_size=32, layers=1, heads=2, ffn_dim=48)}
+    table = pq.read_table(SPEECH)
+    for rows in (4, 5):
+        assets[f"rows{rows}"] = os.path.join(root, f"rows{rows}.parquet")
+        pq.write_table(table.slice(7, rows), assets[f"rows{rows}"])
+    return assets
+
+
+SPEECH = os.path.join(os.path.dirname(steermoe.__file__), "demo", "speech.parquet")
+
+
+def tiny_config(output_dir, data="rows4", **train) -> Config:
+    """A float32 CPU run on the tiny models; ``train`` entries override ``train.*`` keys."""
+    a = tiny_assets()
+    overrides = [f"model.whisper={a['whisper']}", f"model.llm={a['llm']}", "model.dtype=float32",
+                 "model.num_experts=3", "model.max_new_tokens=6", f"data.train={a[data]}", f"output_dir={output_dir}",
+                 "train.device=cpu", "train.warmup_steps=1", "train.log_every=100", "train.save_every=100",
+                 "train.lr_router=3e-3", "train.lr_vectors=2e-3", "train.lr_scales=1e-2", "train.lr_projector=1e-3",
+                 "train.keep_checkpoints=0"]
+    return load_config(None, overrides + [f"train.{k}={v}" for k, v in train.items()])
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_run() -> str:
+    """The output_dir of a finished two-step run on the tiny models (trained once)."""
+    out = os.path.join(tiny_assets()["root"], "run")
+    train(tiny_config(out, batch_size=2, max_steps=2))
+    return out
+
+
+def trained_weights(output_dir, step=None):
+    from safetensors.torch import load_file
+    path = latest_checkpoint(str(output_dir)) if step is None else step_dir(str(output_dir), step)
+    return load_file(os.path.join(path, "trainable.safetensors"))
+
+
+def losses(output_dir):
+    return [r["loss"] for r in read_metrics(os.path.join(output_dir, "metrics.jsonl")) if "loss" in r]
+
+
+def capture_gradients(monkeypatch):
+    """Make every optimizer the loop builds record the gradients it steps with: a list (per step) of lists."""
+    captured = []
+
+    def build(groups, cfg):
+        opt = build_optimizer(groups, cfg)
+        opt.register_step_pre_hook(
+            lambda o, args, kwargs: captured.append([p.grad.clone() for g in o.param_groups for p in g["params"]]))
+        return opt
+
+    monkeypatch.setattr(steermoe.train, "build_optimizer", build)
+    return captured
+
+
+def test_splitting_the_batch_into_accumulation_steps_gives_the_same_update(tmp_path, monkeypatch):
+    runs = {}
+    for name, batch, accum in (("whole", 4, 1), ("halves", 2, 2), ("singles", 1, 4)):
+        grads = capture_gradients(monkeypatch)
+        out = tmp_path / name
+        train(tiny_config(out, batch_size=batch, grad_accum=accum, max_steps=3))
+        runs[name] = (losses(out), grads, trained_weights(out))
+    whole_losses, whole_grads, whole_weights = runs["whole"]
+    assert len(whole_losses) == 3 and len(whole_grads) == 3
+    for name in ("halves", "singles"):
+        split_losses, split_grads, split_weights = runs[name]
+        assert split_losses == pytest.approx(whole_losses, rel=1e-5)
+        for step_grads, whole_step_grads in zip(split_grads, whole_grads):
+            for g, ref in zip(step_grads, whole_step_grads):
+                torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+        for key, value in whole_weights.items():       # Adam's first steps are ~lr·sign(g): loose on weights
+            torch.testing.assert_close(split_weights[key], value, rtol=0, atol=1e-4)
+    # the global batch really is all four utterances each step
+    records = read_metrics(os.path.join(tmp_path / "singles", "metrics.jsonl"))
+    whole_records = read_metrics(os.path.join(tmp_path / "whole", "metrics.jsonl"))
+    assert [r["samples"] for r in records] == [4, 4, 4]
+    assert [r["tokens"] for r in records] == [r["tokens"] for r in whole_records]
+
+
+def test_per_group_lrs_and_schedule_reach_the_optimizer(tmp_path):
+    train(tiny_config(tmp_path, batch_size=2, max_steps=4, warmup_steps=2, min_lr_ratio=0.2,
+                      aux_loss_weight=0.5))
+    records = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+    for r in records:
+        mult = lr_lambda(r["step"] - 1, warmup_steps=2, max_steps=4, min_lr_ratio=0.2)
+        assert r["lr/router"] == pytest.approx(3e-3 * mult)
+        assert r["lr/vectors"] == pytest.approx(2e-3 * mult)
+        assert r["lr/scales"] == pytest.approx(1e-2 * mult)
+        assert r["lr/projector"] == pytest.approx(1e-3 * mult)
+        assert 1.0 <= r["aux_loss"] <= 3.0            # Switch loss: 1 when balanced, E=3 when collapsed
+    state = load_training_state(latest_checkpoint(str(tmp_path)))
+    assert {g["name"] for g in state["optimizer"]["param_groups"]} == {"router", "vectors", "scales", "projector"}
+
+
+def test_killed_run_resumed_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    # 5 utterances in batches of 2: three batches an epoch; killed mid-epoch, the resumed run crosses an epoch
+    kw = dict(data="rows5", batch_size=2, max_steps=6, save_every=2, keep_checkpoints=2)
+    train(tiny_config(tmp_path / "straight", **kw))
+
+    class Killed(Exception):
+        pass
+
+    real_save = steermoe.train.save_checkpoint
+
+    def save_then_die(output_dir, step, *args, **kwargs):
+        path = real_save(output_dir, step, *args, **kwargs)
+        if step == 2:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(steermoe.train, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(tiny_config(tmp_path / "killed", **kw))
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train(tiny_config(tmp_path / "killed", **kw))
+    train(tiny_config(tmp_path / "killed", **kw), resume=True)
+
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    assert len(losses(tmp_path / "straight")) == 6
+    straight, resumed = trained_weights(tmp_path / "straight"), trained_weights(tmp_path / "killed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "killed"))] == [4, 6]      # keep_checkpoints=2
+
+
+def test_non_finite_losses_skip_the_step_and_repeated_ones_stop(tmp_path, monkeypatch):
+    from steermoe.model import SteerMoEModel
+
+    poisoned = {2, 4, 5}                              # forward calls (one per step here) that return NaN
+    calls = {"n": 0}
+    real_forward = SteerMoEModel.forward
+
+    def forward(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in poisoned:
+            out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+    monkeypatch.setattr(SteerMoEModel, "forward", forward)
+    with pytest.raises(TrainingError, match="stopped at step 5: 2 steps in a row had a non-finite loss"):
+        train(tiny_config(tmp_path, batch_size=4, max_steps=8, save_every=1, max_nonfinite_steps=2))
+    records = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+    assert [r["skipped"] for r in records] == [0, 1, 1, 2, 3]
+    assert math.isnan(records[1]["loss"]) and math.isfinite(records[2]["loss"])
+    w1, w2, w3, w4 = (trained_weights(tmp_path, s) for s in (1, 2, 3, 4))
+    for key in w1:
+        assert torch.equal(w1[key], w2[key]) and torch.equal(w3[key], w4[key]), key   # skipped steps: no change
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)
+    assert latest_checkpoint(str(tmp_path)) == step_dir(str(tmp_path), 4)       # the stop saves nothing
