@@ -5,6 +5,7 @@ with one line on stderr and a non-zero exit code; set ``STEERMOE_DEBUG=1`` to se
 """
 import argparse
 import json
+import math
 import os
 import sys
 from typing import List, Optional
@@ -61,15 +62,14 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 def _load_model(args):
     """SteerMoEModel from ``--checkpoint`` (frozen bases reloaded from where its config names them)."""
-    import torch
-
     from .checkpoint import resolve_checkpoint
     from .model import SteerMoEModel
+    from .train import resolve_device
 
     path = resolve_checkpoint(args.checkpoint)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     overrides = {k: getattr(args, k) for k in ("whisper", "llm", "dtype") if getattr(args, k)}
-    if torch.device(device).type == "cpu":
+    if device.type == "cpu":
         overrides.setdefault("dtype", "float32")
     try:
         model = SteerMoEModel.from_trainable(path, device=device, **overrides)
@@ -101,6 +101,12 @@ def cmd_eval(args) -> int:
                        max_new_tokens=args.max_new_tokens, records_path=args.output)
     summary = {"checkpoint": path, "data": list(args.data), **summary, "skipped": dict(source.skipped)}
     print(json.dumps({k: v for k, v in summary.items() if k != "gating"}, indent=2))
+    if summary["gating"]:
+        g = summary["gating"]
+        print(f"gating over {g['num_frames']} frames (usage entropy in nats; log E = {math.log(g['num_experts']):.3f}):")
+        for layer in g["layers"]:
+            print(f"  layer {layer['layer']:>2}: usage entropy {layer['usage_entropy']:.3f}  "
+                  f"frame entropy {layer['entropy']:.3f}  top experts {layer['top_experts']}")
     if args.output:
         summary_path = f"{os.path.splitext(args.output)[0]}.summary.json"
         write_summary(summary, summary_path)

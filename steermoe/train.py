@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import (CheckpointError, atomic_write_text, check_output_dir, load_training_state, remove_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
-from .config import Config, DataConfig, ModelConfig, TrainConfig, save_config
+from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -85,15 +85,25 @@ class Distributed:
             dist.barrier()
 
 
-def init_distributed(device: str) -> Distributed:
-    """Join the torchrun process group when one is set up (nccl on GPUs, gloo on CPU); pick the device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a device (``cuda`` means ``cuda:local_rank``)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         device = f"cuda:{local_rank}"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return dev
+
+
+def init_distributed(device: str) -> Distributed:
+    """Join the torchrun process group when one is set up (nccl on GPUs, gloo on CPU); pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():

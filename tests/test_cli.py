@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from test_train import tiny_assets, tiny_config, tiny_run
 
@@ -65,6 +66,9 @@ def test_unknown_config_key_and_bad_override(tmp_path, capsys):
     fails(capsys, ["train", "--config", str(config), "train.lr_routr=1e-3"], 2,
           "unknown config key 'train.lr_routr'")
     fails(capsys, ["train", "--config", str(config), "train.batch_size=two"], 2, "train.batch_size", "int")
+    fails(capsys, ["train", "--config", str(config), "train.device=tpu"], 2, "device must be")
+    if not torch.cuda.is_available():
+        fails(capsys, ["train", "--config", str(config), "train.device=cuda"], 2, "no CUDA device")
     assert not (tmp_path / "out").exists()
 
 
@@ -125,3 +129,14 @@ def test_console_script_reports_one_line_and_fails(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "steermoe.train", "--config", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "config file not found" in proc.stderr
+
+
+def test_demo_runs_end_to_end_and_reruns_in_place(tmp_path, capsys):
+    argv = ["demo", "--output_dir", str(tmp_path), "train.max_steps=2", "train.save_every=2",
+            "train.eval_utterances=3", "model.max_new_tokens=2"]
+    for _ in range(2):                                 # a rerun replaces the previous demo run
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "before training: WER" in out and "training loss" in out and "WER " in out.split("4/4")[1]
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "run"))] == [2]
+    assert os.path.isfile(tmp_path / "models" / "tiny-llm" / "config.json")

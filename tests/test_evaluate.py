@@ -84,7 +84,9 @@ def test_eval_command_scores_the_whole_set(tmp_path, capsys):
     out = tmp_path / "results" / "eval.jsonl"
     assert main(["eval", "--checkpoint", tiny_run(), "--data", str(tmp_path / "eval.parquet"), "--output", str(out),
                  "--batch_size", "2", "--max_new_tokens", "5", "--id_column", "id", "--device", "cpu"]) == 0
-    printed = json.loads(capsys.readouterr().out.split("\nper-utterance")[0])
+    stdout = capsys.readouterr().out
+    printed = json.loads(stdout.split("\ngating over")[0])
+    assert "layer  0: usage entropy" in stdout and "layer  1: usage entropy" in stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["id"] for r in records) == sorted(r["id"] for r in good)       # every usable row, once
     assert {r["id"]: r["reference"] for r in records} == {r["id"]: r["text"] for r in good}
@@ -102,8 +104,6 @@ def test_eval_command_scores_the_whole_set(tmp_path, capsys):
 
 
 def test_transcribe_prints_one_line_per_file_matching_eval(tmp_path, capsys):
-    import io
-
     import soundfile as sf
 
     from steermoe.audio import decode_audio

@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_CONFIG = os.path.join(HERE, "demo.yaml")
 SPEECH = os.path.join(HERE, "speech.parquet")
 TINY_WHISPER = {"d_model": 64, "layers": 2, "heads": 4, "ffn_dim": 128}
-TINY_LLM = {"arch": "llama", "hidden_size": 64, "layers": 2, "heads": 4, "ffn_dim": 128}
+TINY_LLM = {"arch": "llama", "hidden_size": 256, "layers": 2, "heads": 4, "ffn_dim": 512}
 
 
 def run_demo(output_dir: Optional[str] = None, overrides: Sequence[str] = ()) -> Dict[str, Any]:
@@ -37,7 +37,9 @@ def run_demo(output_dir: Optional[str] = None, overrides: Sequence[str] = ()) ->
     """
     start = time.perf_counter()
     root = os.path.abspath(output_dir) if output_dir else tempfile.mkdtemp(prefix="steermoe-demo-")
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()               # keep the output to the demo's own lines and training bar
     print(f"steermoe demo: working in {root}")
     print("1/4 building tiny random Whisper and LLM checkpoints on disk")
     whisper = build_tiny_whisper(os.path.join(root, "models", "tiny-whisper"), **TINY_WHISPER)
