@@ -250,6 +250,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
     log = MetricsLog(os.path.join(cfg.output_dir, METRICS_FILE) if env.is_main else None,
                      resume_step=step if resume_from is not None else None)
     bar = tqdm(total=tc.max_steps, initial=step, disable=not env.is_main, dynamic_ncols=True, desc="train")
+
+    def say(message: str) -> None:
+        if env.is_main:                 # tqdm.write prints even where the bar is disabled
+            bar.write(message)
     normalize = text_normalizer(m.whisper)
 
     def run_eval(at_step: int) -> Optional[Dict[str, Any]]:
@@ -260,7 +264,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
             summary = evaluate(model, eval_batches(source, tc.eval_batch_size, limit=tc.eval_utterances),
                                normalize=normalize, max_new_tokens=m.max_new_tokens)
             log.write({"step": at_step, **{f"eval/{k}": v for k, v in summary.items() if k != "gating"}})
-            bar.write(f"step {at_step}: eval WER {summary['wer']:.2%} CER {summary['cer']:.2%} "
+            say(f"step {at_step}: eval WER {summary['wer']:.2%} CER {summary['cer']:.2%} "
                       f"loss {summary['loss']:.4f} on {summary['utterances']} utterances")
         env.barrier()
         return summary
@@ -318,7 +322,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
         else:
             nonfinite_total += 1
             nonfinite_in_a_row += 1
-            bar.write(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}; step skipped "
+            say(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}; step skipped "
                       f"({nonfinite_in_a_row} in a row, {nonfinite_total} in total)")
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -335,7 +339,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs.get('vectors', next(iter(lrs.values()))):.2e}",
                         samples_s=f"{record['samples_per_s']:.1f}")
         if step % tc.log_every == 0:
-            bar.write(f"step {step}: loss {loss:.4f}  grad norm {grad_norm:.3f}  "
+            say(f"step {step}: loss {loss:.4f}  grad norm {grad_norm:.3f}  "
                       f"{record['samples_per_s']:.1f} samples/s")
         if nonfinite_in_a_row >= tc.max_nonfinite_steps:
             bar.close()
