@@ -27,7 +27,6 @@ Products run on tensor cores with fp32 operands and accumulation: exact ("ieee")
 fp16 x (their values are exact in tf32, so only W, V, g and dlogits are rounded, to 10 mantissa bits, finer
 than the 8 bits a bf16 y keeps). Softmax, its gradient and every sum are fp32.
 """
-import os
 from typing import Optional, Tuple
 
 import torch

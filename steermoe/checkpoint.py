@@ -27,16 +27,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written, found or read; the message names the path."""
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename: readers see the old or the new file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def step_dir(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, CHECKPOINTS, f"step_{step:08d}")
 

@@ -230,6 +230,6 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
 
 def save_config(config: Config, path: str) -> None:
     """Write ``config`` as YAML, atomically."""
-    from .checkpoint import atomic_write_text
+    from .fileio import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -21,6 +21,7 @@ from transformers import WhisperConfig
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from .fileio import atomic_write, atomic_write_json
 from .ops import steer
 
 logger = logging.getLogger(__name__)
@@ -289,10 +290,9 @@ class SteeredWhisperEncoder(nn.Module):
         config = {"num_experts": self.num_experts, "steered_layers": self.steered_layers,
                   "hidden_size": self.hidden_size, "num_encoder_layers": len(self.encoder.layers),
                   "source": getattr(self.config, "name_or_path", None) or None}
-        _atomic_write(os.path.join(directory, STEERING_WEIGHTS_NAME),
-                      lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        _atomic_write(os.path.join(directory, STEERING_CONFIG_NAME),
-                      lambda tmp: _write_json(tmp, config))
+        atomic_write(os.path.join(directory, STEERING_WEIGHTS_NAME),
+                     lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write_json(os.path.join(directory, STEERING_CONFIG_NAME), config)
 
     def load_steering(self, directory: str) -> None:
         """Load tensors written by :meth:`save_steering`; raises ValueError naming both shapes on a mismatch."""
@@ -428,21 +428,3 @@ def _resolve_dtype(torch_dtype, state: Dict[str, Tensor]) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"torch_dtype must be a floating torch.dtype, its name, 'auto' or None; got {torch_dtype!r}")
     return dtype
-
-
-# ---------------------------------------------------------------------------------------------- files
-def _atomic_write(path: str, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``, so readers never see a partial file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")

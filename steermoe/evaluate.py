@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 
-from .checkpoint import atomic_write_text
+from .fileio import atomic_write_text
 
 NORMALIZER_FILE = "normalizer.json"
 

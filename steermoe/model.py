@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
 from .audio import LogMel
-from .encoder import SteeredWhisperEncoder, _atomic_write, _write_json
+from .encoder import SteeredWhisperEncoder
+from .fileio import atomic_write, atomic_write_json
 
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
 CONFIG_NAME = "steermoe_config.json"
@@ -407,9 +408,9 @@ class SteerMoEModel(nn.Module):
 
         os.makedirs(directory, exist_ok=True)
         tensors = {name: p.detach().float().contiguous().cpu() for name, p in self._named_trainable().items()}
-        _atomic_write(os.path.join(directory, TRAINABLE_WEIGHTS_NAME),
-                      lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        _atomic_write(os.path.join(directory, CONFIG_NAME), lambda tmp: _write_json(tmp, self.config))
+        atomic_write(os.path.join(directory, TRAINABLE_WEIGHTS_NAME),
+                     lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write_json(os.path.join(directory, CONFIG_NAME), self.config)
 
     def load_trainable(self, directory: str, *, check_base: bool = True) -> None:
         """Load :meth:`save_trainable`'s tensors. Raises ValueError when the saved structure (experts, layers,

@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import (CheckpointError, atomic_write_text, check_output_dir, load_training_state, remove_checkpoints, rng_state,
+from .checkpoint import (CheckpointError, check_output_dir, load_training_state, remove_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
+from .fileio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -3,7 +3,6 @@ import io
 import json
 import os
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch

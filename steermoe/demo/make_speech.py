@@ -13,6 +13,8 @@ import os
 import subprocess
 import tempfile
 
+from steermoe.fileio import atomic_write
+
 SENTENCES = [
     "The sun is warm today.",
     "Please close the door.",
@@ -124,9 +126,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="parquet file to write")
     args = parser.parse_args(argv)
     table = build_table()
-    tmp = f"{args.output}.tmp{os.getpid()}"
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, args.output)
+    atomic_write(args.output, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     print(f"wrote {args.output}: {table.num_rows} utterances, {os.path.getsize(args.output) / 1e6:.2f} MB")
 
 
