@@ -6,6 +6,8 @@ The extension needs the installed torch at build time, so build it with
 """
 import glob
 import os
+import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -19,6 +21,27 @@ def _log(msg):
     print(msg, file=sys.stderr)
 
 
+def _locate_cuda_home():
+    """Set CUDA_HOME to the toolkit root when the ``nvcc`` on PATH is a wrapper outside it.
+
+    torch guesses CUDA_HOME as the parent of nvcc's folder; for a wrapper script (e.g. /usr/local/bin/nvcc)
+    that is wrong, so ask nvcc itself: ``nvcc --dryrun`` prints the toolkit root after ``TOP=``.
+    """
+    nvcc = shutil.which("nvcc")
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or nvcc is None:
+        return
+    if os.path.exists(os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include", "cuda_runtime.h")):
+        return
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-c", "probe.cu"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in (dry.stdout + dry.stderr).splitlines():
+        if "TOP=" in line:
+            os.environ["CUDA_HOME"] = os.path.normpath(line.split("TOP=", 1)[1].strip())
+            return
+
+
 def cuda_extension():
     """Return ([ext], {"build_ext": ...}) or ([], {}) with a one-line reason when not building."""
     flag = os.environ.get("STEERMOE_BUILD_CUDA", "auto").strip().lower()
@@ -26,6 +49,7 @@ def cuda_extension():
         _log(SKIP_NOTE.format(why="STEERMOE_BUILD_CUDA=0"))
         return [], {}
     forced = flag in ("1", "true", "yes", "on")
+    _locate_cuda_home()
     try:
         import torch
         from torch.utils import cpp_extension
@@ -49,8 +73,8 @@ def cuda_extension():
         name="steermoe._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        # No -std flag: torch adds the standard its headers need (C++17 up to 2.9, C++20 since).
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
     _log(f"steermoe: building the CUDA fallback for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

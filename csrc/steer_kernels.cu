@@ -1,0 +1,695 @@
+/*
+ * CUDA fallback of the fused steering op  y = x + s · softmax(x Wᵀ + b) V  and of its backward.
+ *
+ * Shapes: x, y, dy, dx (N, D) rows of T ∈ {fp32, bf16, fp16}; W, V (E, D) and b (E,) in fp32 (converted at
+ * the op boundary); s (1,) fp32 read on the device (no host sync); gating g (N, E) fp32. All arithmetic and
+ * every accumulation is fp32.
+ *
+ * Cost per call (elem = bytes per element of x; P = backward blocks, at most 8 per SM, 2 at D = 1280, E ≤ 16):
+ *   forward   FLOPs ≈ 4·N·D·E (x·Wᵀ, g·V)
+ *             minimum bytes 2·N·D·elem (read x, write y) + 4·N·E (gating, when stored)
+ *   backward  FLOPs ≈ 10·N·D·E (u = dy·Vᵀ, x = y − s·g·V, dx = dy + dl·W, dW, dV)
+ *             minimum bytes 3·N·D·elem (read dy and y, write dx) + 4·N·E (gating)
+ *             + workspace 2 · P · (2·E·D + E + 1) · 4 (per-block partials, written then summed)
+ * At E = 8 in bf16 that is 8–13 FLOP/byte: memory-bound against HBM, but these kernels use CUDA cores (fp32
+ * FMA, no tensor cores), whose issue rate on an H100 is only ~1.3× what the copy bandwidth needs at E = 8.
+ * So every FMA operand lives in registers, each W/V load is reused across several rows, and lanes exchange
+ * partial sums once per row.
+ *
+ * Forward (steer_fwd_kernel): 4 warps per block, each warp owns R consecutive rows (R = 4, 2, 1 for E ≤ 8, 16,
+ * 64, halved for fp32 x: R·E logits per lane). Pass 1 streams the rows once (16-byte vectors, lane-strided,
+ * coalesced), keeps the raw rows in shared memory when 4·R·D·elem ≤ 48 KB (otherwise pass 2 re-reads them,
+ * from L1/L2), and accumulates per-lane partial logits. One xor-butterfly reduction gives every lane all R·E
+ * logits (bitwise identical in every lane), the softmax runs in registers and lane e stores g[:, e]. Pass 2
+ * writes y = x + s·(g V).
+ *
+ * Backward (steer_bwd_kernel): a persistent grid of P blocks; block p takes row tiles p, p + P, ... of
+ * tile_rows rows, so the row → block assignment depends only on N, D, E, the dtype and the SM count.
+ *   phase 1, a warp per RB rows: u = dy·Vᵀ (lane partials + warp reduction), dg = s·u (+ the gradient of the
+ *     returned gating, when a loss uses it), dl = g ⊙ (dg − Σ_e g·dg);
+ *     db (per warp, in shared memory) and ds (in registers) accumulate; s·g and dl go to shared memory; the
+ *     lanes prefetch the tile's y into L2.
+ *   phase 2, a thread per C2 columns over all rows of the tile: x = y − Σ_e (s·g_e)·V_e (recomputed, x is
+ *     never saved), dx = dy + Σ_e dl_e·W_e (stored), and register partials dW += dlᵀ·x, dV += (s·g)ᵀ·dy
+ *     (for E > 16 dV in a second sweep over the tile, to stay in registers), added to the block's private
+ *     fp32 slice of a (P, 2·E·D + E + 1) workspace (stored on the block's first tile).
+ * reduce_partials_kernel then sums the P slices in a fixed order: no float atomics, so the weight gradients
+ * are bitwise reproducible on a given device.
+ *
+ * Vector accesses (16 bytes per lane in the row-streaming loops) are used when D is a multiple of 16/elem and
+ * every pointer is 16-byte aligned; otherwise the same arithmetic runs on lane-strided scalars.
+ */
+#include "steer.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+namespace steermoe {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kFwdWarps = 4;
+constexpr int kBwdMaxWarps = 8;
+constexpr int kMinTileRows = 32;  // backward row tiles: fewer rows make the workspace traffic dominate
+constexpr int kMaxTileRows = 64;
+constexpr int kReduceThreads = 256;
+constexpr size_t kStashLimit = 48 * 1024;  // dynamic shared memory available without an opt-in
+
+// ------------------------------------------------------------------------------------------ element access
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Elements per memory access: N, split into accesses of at most 16 bytes.
+template <typename T, int N>
+constexpr int chunk_elems() { return N * sizeof(T) <= 16 ? N : static_cast<int>(16 / sizeof(T)); }
+
+// Loads N elements of T at p (aligned to min(N·sizeof(T), 16) bytes) as floats; keeps a raw copy at `copy`
+// when it is not null.
+template <int N, typename T>
+__device__ __forceinline__ void load(const T* p, float (&out)[N], T* copy = nullptr) {
+  constexpr int C = chunk_elems<T, N>();
+#pragma unroll
+  for (int i = 0; i < N; i += C) {
+    const Pack<T, C> pk = *reinterpret_cast<const Pack<T, C>*>(p + i);
+    if (copy != nullptr) *reinterpret_cast<Pack<T, C>*>(copy + i) = pk;
+#pragma unroll
+    for (int k = 0; k < C; ++k) out[i + k] = to_float(pk.v[k]);
+  }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store(T* p, const float (&in)[N]) {
+  constexpr int C = chunk_elems<T, N>();
+#pragma unroll
+  for (int i = 0; i < N; i += C) {
+    Pack<T, C> pk;
+#pragma unroll
+    for (int k = 0; k < C; ++k) pk.v[k] = from_float<T>(in[i + k]);
+    *reinterpret_cast<Pack<T, C>*>(p + i) = pk;
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void fill(float (&a)[N], float value) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) a[k] = value;
+}
+
+__device__ __forceinline__ float component(const float4& q, int i) {
+  return i == 0 ? q.x : i == 1 ? q.y : i == 2 ? q.z : q.w;
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// Sums a[r][j] (j < e) over the 32 lanes; every lane ends with the same bits (each step adds the same two
+// operands in every lane of a pair, and float addition is commutative).
+template <int R, int E_MAX>
+__device__ __forceinline__ void warp_allreduce(float (&a)[R][E_MAX], int e) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int j = 0; j < E_MAX; ++j) {
+        if (j < e) a[r][j] += __shfl_xor_sync(kFullMask, a[r][j], offset);
+      }
+    }
+  }
+}
+
+// acc[r][j] += Σ_k a[r·d + col + k] · m[j·d + col + k] for the warp's rows r < rows, experts j < e and N
+// columns from col: the partial logits x·Wᵀ (keeping a raw copy of x at `kept`) or u = dy·Vᵀ (prefetching the
+// rows of y at `next` into L2, one 16-byte vector in 8, i.e. once per 128-byte line).
+template <int N, int R, int E_MAX, typename T>
+__device__ __forceinline__ void dot_step(const T* __restrict__ a, const float* __restrict__ m, int d, int e, int rows,
+                                         int col, float (&acc)[R][E_MAX], T* kept, const T* next) {
+  float av[R][N];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t off = static_cast<int64_t>(r) * d + col;
+    if (r < rows) {
+      load<N>(a + off, av[r], kept != nullptr ? kept + off : nullptr);
+      if (next != nullptr && N * sizeof(T) == 16 && (col / N) % 8 == 0) prefetch_l2(next + off);
+    } else {
+      fill(av[r], 0.f);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < E_MAX; ++j) {
+    if (j < e) {
+      float mv[N];
+      load<N>(m + static_cast<int64_t>(j) * d + col, mv);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) acc[r][j] = fmaf(av[r][k], mv[k], acc[r][j]);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ forward
+template <typename T, int E_MAX>
+struct FwdShape {
+  // rows per warp: R·E_MAX logits and R·16 bytes of x per lane in registers
+  static constexpr int R = std::max(1, (E_MAX <= 8 ? 4 : E_MAX <= 16 ? 2 : 1) / (sizeof(T) == 4 ? 2 : 1));
+  static constexpr int MIN_BLOCKS = E_MAX <= 16 ? 4 : 0;  // __launch_bounds__ hint (0: none); ptxas spills nothing
+};
+
+// y = x + s·(g V) for the warp's rows over N columns starting at col. `xr` is generic: shared or global.
+template <int N, int R, int E_MAX, typename T>
+__device__ __forceinline__ void fwd_output_step(const T* xr, T* __restrict__ yr, const float* __restrict__ v, int d,
+                                                int e, int rows, int col, const float (&g)[R][E_MAX], float s) {
+  float mix[R][N];
+#pragma unroll
+  for (int r = 0; r < R; ++r) fill(mix[r], 0.f);
+#pragma unroll
+  for (int j = 0; j < E_MAX; ++j) {
+    if (j < e) {
+      float vv[N];
+      load<N>(v + static_cast<int64_t>(j) * d + col, vv);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) mix[r][k] = fmaf(g[r][j], vv[k], mix[r][k]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r < rows) {
+      const int64_t off = static_cast<int64_t>(r) * d + col;
+      float out[N];
+      load<N>(xr + off, out);
+#pragma unroll
+      for (int k = 0; k < N; ++k) out[k] = fmaf(s, mix[r][k], out[k]);
+      store<N>(yr + off, out);
+    }
+  }
+}
+
+// Logits (+ bias) → softmax over the e real experts, in place; the padding experts get 0.
+template <int R, int E_MAX>
+__device__ __forceinline__ void softmax_rows(float (&a)[R][E_MAX], const float* __restrict__ bias, int e) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float top = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < E_MAX; ++j) {
+      if (j < e) {
+        if (bias != nullptr) a[r][j] += bias[j];
+        top = fmaxf(top, a[r][j]);
+      }
+    }
+    float total = 0.f;
+#pragma unroll
+    for (int j = 0; j < E_MAX; ++j) {
+      a[r][j] = j < e ? expf(a[r][j] - top) : 0.f;
+      total += a[r][j];
+    }
+    const float inv = 1.f / total;
+#pragma unroll
+    for (int j = 0; j < E_MAX; ++j) a[r][j] *= inv;
+  }
+}
+
+template <typename T, int E_MAX>
+__global__ void __launch_bounds__(kFwdWarps * kWarp, FwdShape<T, E_MAX>::MIN_BLOCKS)
+    steer_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+                     const float* __restrict__ v, const float* __restrict__ scale, T* __restrict__ y,
+                     float* __restrict__ gating, int64_t n, int d, int e, bool vectorized, bool stash) {
+  constexpr int R = FwdShape<T, E_MAX>::R;
+  constexpr int VEC = 16 / sizeof(T);
+  extern __shared__ float4 smem[];
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kFwdWarps + warp) * R;
+  if (row0 >= n) return;  // whole warps only; the forward has no block-wide barrier
+  const int rows = static_cast<int>(min(static_cast<int64_t>(R), n - row0));
+  const T* xr = x + row0 * d;
+  T* kept = stash ? reinterpret_cast<T*>(smem) + static_cast<int64_t>(warp) * R * d : nullptr;
+  const int nvec = vectorized ? d / VEC : 0;
+
+  float acc[R][E_MAX];
+#pragma unroll
+  for (int r = 0; r < R; ++r) fill(acc[r], 0.f);
+  const T* no_prefetch = nullptr;
+  for (int c = lane; c < nvec; c += kWarp) dot_step<VEC>(xr, w, d, e, rows, c * VEC, acc, kept, no_prefetch);
+  for (int col = nvec * VEC + lane; col < d; col += kWarp) dot_step<1>(xr, w, d, e, rows, col, acc, kept, no_prefetch);
+  warp_allreduce(acc, e);
+  softmax_rows(acc, bias, e);
+
+  if (gating != nullptr) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int j = 0; j < E_MAX; ++j) {
+        if (r < rows && j < e && j % kWarp == lane) gating[(row0 + r) * e + j] = acc[r][j];
+      }
+    }
+  }
+
+  const float s = *scale;
+  const T* src = stash ? kept : xr;  // each lane re-reads exactly the elements it kept
+  T* yr = y + row0 * d;
+  for (int c = lane; c < nvec; c += kWarp) fwd_output_step<VEC>(src, yr, v, d, e, rows, c * VEC, acc, s);
+  for (int col = nvec * VEC + lane; col < d; col += kWarp) fwd_output_step<1>(src, yr, v, d, e, rows, col, acc, s);
+}
+
+// ------------------------------------------------------------------------------------------ backward
+template <int E_MAX>
+struct BwdShape {
+  static constexpr int RB = E_MAX <= 8 ? 4 : E_MAX <= 16 ? 2 : 1;  // phase-1 rows per warp step
+  static constexpr int C2 = E_MAX <= 8 ? 4 : E_MAX <= 16 ? 2 : 1;  // phase-2 columns per thread
+  static constexpr int RG = 2;                                       // phase-2 rows per step
+  static constexpr bool SPLIT_DV = E_MAX > 16;                      // dV in its own pass (registers)
+  static constexpr int MIN_BLOCKS = E_MAX <= 16 ? 2 : 1;           // resident blocks of 8 warps per SM
+};
+
+template <typename T>
+struct BwdArgs {
+  const T* dy;
+  const T* y;
+  const float* gating;
+  const float* grad_gating;  // (N, E) or null
+  const float* w;
+  const float* v;
+  const float* scale;
+  T* dx;
+  float* part;          // (P, part_stride): [dW (E·D) | dV (E·D) | db (E) | ds | pad] per block
+  int64_t part_stride;  // multiple of 4 floats
+  int64_t n;
+  int d;
+  int e;
+  int tile_rows;
+  bool vectorized;
+};
+
+// Calls f(j, c) for each expert j < e, with c[r] = table[r0 + r][j] from the tile's (tile_rows, E_MAX) shared
+// table (s·g or dl), 0 past tile_len. The table is read 4 experts at a time.
+template <int RG, int E_MAX, typename F>
+__device__ __forceinline__ void for_each_expert(const float* table, int r0, int tile_len, int e, F&& f) {
+#pragma unroll
+  for (int j0 = 0; j0 < E_MAX; j0 += 4) {
+    if (j0 < e) {
+      float4 quad[RG];
+#pragma unroll
+      for (int r = 0; r < RG; ++r) {
+        quad[r] = r0 + r < tile_len ? reinterpret_cast<const float4*>(table + (r0 + r) * E_MAX)[j0 / 4]
+                                    : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if (j0 + q < e) {
+          float c[RG];
+#pragma unroll
+          for (int r = 0; r < RG; ++r) c[r] = component(quad[r], q);
+          f(j0 + q, c);
+        }
+      }
+    }
+  }
+}
+
+// Adds acc[j] (j < e) to the workspace rows p + j·d at col; stores instead on the block's first tile.
+template <int N, int E_MAX>
+__device__ __forceinline__ void flush_partials(float* p, float (&acc)[E_MAX][N], int d, int e, int col, bool first) {
+#pragma unroll
+  for (int j = 0; j < E_MAX; ++j) {
+    if (j < e) {
+      float* pj = p + static_cast<int64_t>(j) * d + col;
+      if (!first) {
+        float old[N];
+        load<N>(pj, old);
+#pragma unroll
+        for (int k = 0; k < N; ++k) acc[j][k] += old[k];
+      }
+      store<N>(pj, acc[j]);
+    }
+  }
+}
+
+// Phase 2 for N columns starting at col over the tile's rows: dx, and the tile's dW (and, WITH_DV, dV)
+// partials added to the block's workspace slices pw (and pv).
+template <int N, int RG, int E_MAX, bool WITH_DV, typename T>
+__device__ __forceinline__ void bwd_dx_step(const BwdArgs<T>& a, int64_t t0, int tile_len, int col,
+                                            const float* s_sg, const float* s_dl, float* pw, float* pv,
+                                            bool first) {
+  const int d = a.d;
+  const int e = a.e;
+  float aw[E_MAX][N];
+  float av[WITH_DV ? E_MAX : 1][N];
+#pragma unroll
+  for (int j = 0; j < E_MAX; ++j) fill(aw[j], 0.f);
+#pragma unroll
+  for (int j = 0; j < (WITH_DV ? E_MAX : 1); ++j) fill(av[j], 0.f);
+  for (int r0 = 0; r0 < tile_len; r0 += RG) {
+    float xv[RG][N];   // y, then x
+    float dyv[RG][N];  // dy, then dx
+#pragma unroll
+    for (int r = 0; r < RG; ++r) {
+      if (r0 + r < tile_len) {
+        const int64_t off = (t0 + r0 + r) * d + col;
+        load<N>(a.y + off, xv[r]);
+        load<N>(a.dy + off, dyv[r]);
+      } else {
+        fill(xv[r], 0.f);
+        fill(dyv[r], 0.f);
+      }
+    }
+    // x = y − Σ_e (s·g_e) V_e;  dV_e += (s·g_e) dy
+    for_each_expert<RG, E_MAX>(s_sg, r0, tile_len, e, [&](int j, const float (&c)[RG]) {
+      float vv[N];
+      load<N>(a.v + static_cast<int64_t>(j) * d + col, vv);
+#pragma unroll
+      for (int r = 0; r < RG; ++r) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          xv[r][k] = fmaf(-c[r], vv[k], xv[r][k]);
+          if constexpr (WITH_DV) av[j][k] = fmaf(c[r], dyv[r][k], av[j][k]);
+        }
+      }
+    });
+    // dx = dy + Σ_e dl_e W_e;  dW_e += dl_e x
+    for_each_expert<RG, E_MAX>(s_dl, r0, tile_len, e, [&](int j, const float (&c)[RG]) {
+      float wv[N];
+      load<N>(a.w + static_cast<int64_t>(j) * d + col, wv);
+#pragma unroll
+      for (int r = 0; r < RG; ++r) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          dyv[r][k] = fmaf(c[r], wv[k], dyv[r][k]);
+          aw[j][k] = fmaf(c[r], xv[r][k], aw[j][k]);
+        }
+      }
+    });
+#pragma unroll
+    for (int r = 0; r < RG; ++r) {
+      if (r0 + r < tile_len) store<N>(a.dx + (t0 + r0 + r) * d + col, dyv[r]);
+    }
+  }
+  flush_partials(pw, aw, d, e, col, first);
+  if constexpr (WITH_DV) flush_partials(pv, av, d, e, col, first);
+}
+
+// Phase 2, separate pass for many experts: the tile's dV partial Σ_rows (s·g) dy added to pv.
+template <int N, int RG, int E_MAX, typename T>
+__device__ __forceinline__ void bwd_dv_step(const BwdArgs<T>& a, int64_t t0, int tile_len, int col,
+                                            const float* s_sg, float* pv, bool first) {
+  const int d = a.d;
+  const int e = a.e;
+  float av[E_MAX][N];
+#pragma unroll
+  for (int j = 0; j < E_MAX; ++j) fill(av[j], 0.f);
+  for (int r0 = 0; r0 < tile_len; r0 += RG) {
+    float dyv[RG][N];
+#pragma unroll
+    for (int r = 0; r < RG; ++r) {
+      if (r0 + r < tile_len) {
+        load<N>(a.dy + (t0 + r0 + r) * d + col, dyv[r]);
+      } else {
+        fill(dyv[r], 0.f);
+      }
+    }
+    for_each_expert<RG, E_MAX>(s_sg, r0, tile_len, e, [&](int j, const float (&c)[RG]) {
+#pragma unroll
+      for (int r = 0; r < RG; ++r) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) av[j][k] = fmaf(c[r], dyv[r][k], av[j][k]);
+      }
+    });
+  }
+  flush_partials(pv, av, d, e, col, first);
+}
+
+// Phase 2 for the columns [col, col + N) of one tile.
+template <int N, int E_MAX, typename T>
+__device__ __forceinline__ void bwd_column_step(const BwdArgs<T>& a, int64_t t0, int tile_len, int col,
+                                                const float* s_sg, const float* s_dl, float* pw, float* pv,
+                                                bool first) {
+  using S = BwdShape<E_MAX>;
+  bwd_dx_step<N, S::RG, E_MAX, !S::SPLIT_DV>(a, t0, tile_len, col, s_sg, s_dl, pw, pv, first);
+  if constexpr (S::SPLIT_DV) bwd_dv_step<N, S::RG, E_MAX>(a, t0, tile_len, col, s_sg, pv, first);
+}
+
+template <typename T, int E_MAX>
+__global__ void __launch_bounds__(kBwdMaxWarps * kWarp, BwdShape<E_MAX>::MIN_BLOCKS)
+    steer_bwd_kernel(const BwdArgs<T> a) {
+  using S = BwdShape<E_MAX>;
+  constexpr int VEC = 16 / sizeof(T);
+  extern __shared__ float4 smem[];
+  float* s_sg = reinterpret_cast<float*>(smem);  // (tile_rows, E_MAX): s·g
+  float* s_dl = s_sg + a.tile_rows * E_MAX;       // (tile_rows, E_MAX): dlogits
+  float* s_red = s_dl + a.tile_rows * E_MAX;      // (warps, E_MAX + 1): db, ds of each warp's rows
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
+  const int d = a.d;
+  const int e = a.e;
+  const int nvec1 = a.vectorized ? d / VEC : 0;
+  const int nvec2 = a.vectorized ? d / S::C2 : 0;
+  const float s = *a.scale;
+  float* pw = a.part + blockIdx.x * a.part_stride;
+  float* pv = pw + static_cast<int64_t>(e) * d;
+
+  float* warp_red = s_red + warp * (E_MAX + 1);  // written only by this warp: lane j % 32 owns entry j
+  for (int j = lane; j <= E_MAX; j += kWarp) warp_red[j] = 0.f;
+  float ds = 0.f;  // lane-uniform
+  const int64_t tiles = (a.n + a.tile_rows - 1) / a.tile_rows;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const bool first = tile == blockIdx.x;
+    const int64_t t0 = tile * a.tile_rows;
+    const int tile_len = static_cast<int>(min(static_cast<int64_t>(a.tile_rows), a.n - t0));
+
+    // phase 1: a warp per RB rows
+    for (int r0 = warp * S::RB; r0 < tile_len; r0 += warps * S::RB) {
+      const int rows = min(S::RB, tile_len - r0);
+      const T* dyr = a.dy + (t0 + r0) * d;
+      const T* yr = a.y + (t0 + r0) * d;
+      float u[S::RB][E_MAX];
+#pragma unroll
+      for (int r = 0; r < S::RB; ++r) fill(u[r], 0.f);
+      T* no_copy = nullptr;
+      for (int c = lane; c < nvec1; c += kWarp) dot_step<VEC>(dyr, a.v, d, e, rows, c * VEC, u, no_copy, yr);
+      for (int col = nvec1 * VEC + lane; col < d; col += kWarp) dot_step<1>(dyr, a.v, d, e, rows, col, u, no_copy, yr);
+      warp_allreduce(u, e);
+#pragma unroll
+      for (int r = 0; r < S::RB; ++r) {
+        if (r < rows) {
+          const int64_t row = t0 + r0 + r;
+          const float* gr = a.gating + row * e;
+          const float* ggr = a.grad_gating != nullptr ? a.grad_gating + row * e : nullptr;
+          float gdg = 0.f;  // Σ_e g·dg
+#pragma unroll
+          for (int j = 0; j < E_MAX; ++j) {
+            if (j < e) {
+              const float g = gr[j];
+              ds = fmaf(g, u[r][j], ds);
+              u[r][j] = s * u[r][j] + (ggr != nullptr ? ggr[j] : 0.f);  // dg = s·u (+ the gating's gradient)
+              gdg = fmaf(g, u[r][j], gdg);
+            }
+          }
+#pragma unroll
+          for (int j = 0; j < E_MAX; ++j) {
+            if (j % kWarp == lane) {
+              const float g = j < e ? gr[j] : 0.f;
+              const float dl = g * (u[r][j] - gdg);
+              warp_red[j] += dl;
+              s_sg[(r0 + r) * E_MAX + j] = s * g;
+              s_dl[(r0 + r) * E_MAX + j] = dl;
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+
+    // phase 2: a thread per C2 columns
+    for (int c = threadIdx.x; c < nvec2; c += blockDim.x) {
+      bwd_column_step<S::C2, E_MAX>(a, t0, tile_len, c * S::C2, s_sg, s_dl, pw, pv, first);
+    }
+    for (int col = nvec2 * S::C2 + threadIdx.x; col < d; col += blockDim.x) {
+      bwd_column_step<1, E_MAX>(a, t0, tile_len, col, s_sg, s_dl, pw, pv, first);
+    }
+    __syncthreads();  // shared memory is rewritten by the next tile
+  }
+
+  // db, ds of the block: warp partials summed in warp order
+  if (lane == E_MAX % kWarp) warp_red[E_MAX] = ds;
+  __syncthreads();
+  for (int t = threadIdx.x; t <= e; t += blockDim.x) {
+    const int j = t < e ? t : E_MAX;
+    float total = 0.f;
+    for (int w = 0; w < warps; ++w) total += s_red[w * (E_MAX + 1) + j];
+    pv[static_cast<int64_t>(e) * d + t] = total;  // db at 2·E·D + t, ds at 2·E·D + E
+  }
+}
+
+// out[i] = Σ_p part[p, i] in the order p = 0, 1, ..., routed to dW, dV, db, ds.
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_partials_kernel(const float* __restrict__ part, int64_t stride, int blocks, int64_t ed, int e,
+                           float* __restrict__ dw, float* __restrict__ dv, float* __restrict__ db,
+                           float* __restrict__ ds) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= 2 * ed + e + 1) return;
+  float total = 0.f;
+#pragma unroll 4
+  for (int p = 0; p < blocks; ++p) total += part[p * stride + i];
+  if (i < ed) {
+    dw[i] = total;
+  } else if (i < 2 * ed) {
+    dv[i - ed] = total;
+  } else if (i < 2 * ed + e) {
+    db[i - 2 * ed] = total;
+  } else {
+    ds[0] = total;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ launch
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(Tag<float>{});
+    case at::kBFloat16:
+      return f(Tag<__nv_bfloat16>{});
+    case at::kHalf:
+      return f(Tag<__half>{});
+    default:
+      TORCH_CHECK(false, "steermoe CUDA kernels take float32, bfloat16 or float16 activations, got ", dtype);
+  }
+}
+
+template <typename F>
+void dispatch_experts(int64_t e, F&& f) {
+  TORCH_CHECK(e >= 1 && e <= 64, "steermoe CUDA kernels support 1..64 experts, got ", e);
+  if (e <= 8) return f(std::integral_constant<int, 8>{});
+  if (e <= 16) return f(std::integral_constant<int, 16>{});
+  if (e <= 32) return f(std::integral_constant<int, 32>{});
+  return f(std::integral_constant<int, 64>{});
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+int sm_count(const at::Tensor& t) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.get_device()));
+  return count;
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+void launch_steer_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& v,
+                          const at::Tensor& scale, const at::Tensor& y, const at::Tensor& gating) {
+  const int64_t n = x.size(0);
+  const int d = static_cast<int>(x.size(1));
+  const int e = static_cast<int>(w.size(0));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    constexpr int VEC = 16 / sizeof(T);
+    const bool vectorized = d % VEC == 0 && aligned16(x) && aligned16(y) && aligned16(w) && aligned16(v);
+    dispatch_experts(e, [&](auto experts) {
+      constexpr int E_MAX = decltype(experts)::value;
+      constexpr int R = FwdShape<T, E_MAX>::R;
+      const size_t stash_bytes = static_cast<size_t>(kFwdWarps) * R * d * sizeof(T);
+      const bool stash = stash_bytes <= kStashLimit;
+      const int64_t blocks = ceil_div(n, kFwdWarps * R);
+      steer_fwd_kernel<T, E_MAX><<<static_cast<unsigned>(blocks), kFwdWarps * kWarp, stash ? stash_bytes : 0, stream>>>(
+          ptr<const T>(x), ptr<const float>(w), ptr<const float>(bias), ptr<const float>(v),
+          ptr<const float>(scale), ptr<T>(y), ptr<float>(gating), n, d, e, vectorized, stash);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void launch_steer_backward(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& gating,
+                           const at::Tensor& grad_gating, const at::Tensor& w, const at::Tensor& v,
+                           const at::Tensor& scale, const at::Tensor& dx, const at::Tensor& dw, const at::Tensor& db,
+                           const at::Tensor& dv, const at::Tensor& ds) {
+  const int64_t n = y.size(0);
+  const int d = static_cast<int>(y.size(1));
+  const int e = static_cast<int>(w.size(0));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(y);
+  dispatch_dtype(y.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    constexpr int VEC = 16 / sizeof(T);
+    const bool vectorized = d % VEC == 0 && aligned16(dy) && aligned16(y) && aligned16(dx) && aligned16(w) &&
+                            aligned16(v);
+    dispatch_experts(e, [&](auto experts) {
+      constexpr int E_MAX = decltype(experts)::value;
+      using S = BwdShape<E_MAX>;
+      // Block width: just enough warps to cover the phase-2 columns in equal sweeps.
+      const int64_t items = std::max<int64_t>(1, ceil_div(d, S::C2));
+      const int64_t sweeps = ceil_div(items, kBwdMaxWarps * kWarp);
+      const int warps = static_cast<int>(std::min<int64_t>(kBwdMaxWarps, ceil_div(ceil_div(items, sweeps), kWarp)));
+      // Grid: about 8·MIN_BLOCKS resident warps per SM, each block with its own workspace slice. Tiles of
+      // kMinTileRows..kMaxTileRows rows, sized so that every block gets the same number of tiles (± 1).
+      const int64_t max_blocks = static_cast<int64_t>(sms) * std::max(S::MIN_BLOCKS, kBwdMaxWarps / warps);
+      const int64_t rounds = ceil_div(n, max_blocks * kMaxTileRows);
+      const int tile_rows = static_cast<int>(
+          std::clamp<int64_t>(ceil_div(ceil_div(n, rounds * max_blocks), 4) * 4, kMinTileRows, kMaxTileRows));
+      const int64_t blocks = std::min(ceil_div(n, tile_rows), max_blocks);
+      const int64_t ed = static_cast<int64_t>(e) * d;
+      const int64_t stride = ceil_div(2 * ed + e + 1, 4) * 4;
+      const at::Tensor part = at::empty({blocks, stride}, y.options().dtype(at::kFloat));
+      const size_t smem = (2 * static_cast<size_t>(tile_rows) * E_MAX + warps * (E_MAX + 1)) * sizeof(float);
+
+      BwdArgs<T> args{ptr<const T>(dy), ptr<const T>(y), ptr<const float>(gating), ptr<const float>(grad_gating),
+                      ptr<const float>(w), ptr<const float>(v), ptr<const float>(scale), ptr<T>(dx),
+                      ptr<float>(part), stride, n, d, e, tile_rows, vectorized};
+      steer_bwd_kernel<T, E_MAX><<<static_cast<unsigned>(blocks), warps * kWarp, smem, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto reduce_blocks = static_cast<unsigned>(ceil_div(2 * ed + e + 1, kReduceThreads));
+      reduce_partials_kernel<<<reduce_blocks, kReduceThreads, 0, stream>>>(
+          ptr<const float>(part), stride, static_cast<int>(blocks), ed, e, ptr<float>(dw), ptr<float>(dv),
+          ptr<float>(db), ptr<float>(ds));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+}  // namespace steermoe

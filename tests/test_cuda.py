@@ -1,0 +1,148 @@
+"""Tests for the CUDA C++ fallback (``csrc/``, the ``cuda`` backend) beyond the shared cases in test_ops.py.
+
+On a GPU with the extension built: the ``cuda`` backend against the Triton kernels on the op's case list, the
+float64 oracle on the shapes that reach the extension's other code paths (16-byte vector and scalar paths,
+misaligned rows, E = 64 at Whisper width, several row tiles per block of the persistent backward), bitwise
+determinism there, and the ops called directly. Without a GPU: a missing extension is reported with the
+command that builds it.
+"""
+import importlib
+import re
+import sys
+import zlib
+
+import pytest
+import torch
+from torch import Tensor
+
+import steermoe._cuda
+import steermoe.ops
+from steermoe import available_backends, steer
+from test_ops import (DTYPES, GRAD_NAMES, SIZES, VARIANTS, Case, _differentiable, assert_close, make_inputs,
+                      reference_results)
+
+BUILD_HINT = "STEERMOE_BUILD_CUDA=1 pip install --no-build-isolation -e ."
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def cuda_backend():
+    why = available_backends("cuda", explain=True)["cuda"]
+    if why != "available":
+        pytest.skip(why)
+
+
+def _results(args, backend: str, dy: Tensor, dgating: Tensor = None) -> dict:
+    """{name: tensor} for y, gating and the gradient of every differentiable argument."""
+    y, gating = steer(*args, return_gating=True, backend=backend)
+    outputs, upstream = ([y, gating], [dy, dgating]) if dgating is not None else ([y], [dy])
+    grads = torch.autograd.grad(outputs, _differentiable(args), upstream)
+    names = ["y", "gating"] + [n for n, a in zip(GRAD_NAMES, args) if isinstance(a, Tensor) and a.requires_grad]
+    return dict(zip(names, (y, gating, *grads)))
+
+
+def _misaligned(t: Tensor) -> Tensor:
+    """A contiguous copy of t that starts one element past a 16-byte boundary (the kernels' scalar path)."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return flat[1:].view(t.shape).copy_(t.detach()).requires_grad_(t.requires_grad)
+
+
+def _check_against_oracle(args, dtype: torch.dtype, dgating: Tensor = None, misaligned: bool = False) -> dict:
+    """The cuda backend's results, each checked against the float64 oracle (x and dy misaligned if asked)."""
+    dy = torch.randn(args[0].shape, dtype=args[0].dtype, device=args[0].device)
+    if misaligned:
+        args, dy = [_misaligned(args[0]), *args[1:]], _misaligned(dy)
+        assert args[0].data_ptr() % 16 and dy.data_ptr() % 16
+    results = _results(args, "cuda", dy, dgating)
+    for what, (expected, scale) in reference_results(args, dy, dgating).items():
+        assert_close(results[what], expected, scale, dtype, what)
+    return results
+
+
+# ------------------------------------------------------------------------------------- vs Triton
+CASES = [Case(shape=shape, experts=e, dtype=dtype) for e, shape in SIZES for dtype in DTYPES] + VARIANTS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_triton(cuda_backend, case):
+    """Same inputs through both kernels: every result within twice the oracle's bound of the other's."""
+    if "triton" not in available_backends("cuda"):
+        pytest.skip(available_backends("cuda", explain=True)["triton"])
+    args = make_inputs(case, "cuda")
+    dy = torch.randn(args[0].shape, dtype=case.dtype, device="cuda")
+    dgating = torch.randn(*args[0].shape[:-1], case.experts, device="cuda")
+    cuda, triton = _results(args, "cuda", dy, dgating), _results(args, "triton", dy, dgating)
+    for what, (_, scale) in reference_results(args, dy, dgating).items():
+        assert cuda[what].dtype == triton[what].dtype, what
+        assert_close(cuda[what], triton[what].double(), 2 * scale, case.dtype, f"{what} (cuda vs triton)")
+
+
+# ------------------------------------------------------------------------ the extension's code paths
+PATHS = [  # (id, x shape, E, dtype, misaligned)
+    ("vector-whisper-bf16", (3, 77, 1280), 8, torch.bfloat16, False),
+    ("vector-fp32", (129, 64), 8, torch.float32, False),
+    ("scalar-misaligned-bf16", (61, 1280), 8, torch.bfloat16, True),
+    ("scalar-odd-D-fp16", (61, 1001), 16, torch.float16, False),
+    ("E64-whisper-bf16", (45, 1280), 64, torch.bfloat16, False),
+    ("E33-fp32", (45, 264), 33, torch.float32, False),
+    ("E64-misaligned-fp32", (45, 96), 64, torch.float32, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, experts, dtype, misaligned", [p[1:] for p in PATHS], ids=[p[0] for p in PATHS])
+def test_code_paths_match_reference(cuda_backend, shape, experts, dtype, misaligned):
+    args = make_inputs(Case(shape=shape, experts=experts, dtype=dtype), "cuda")
+    _check_against_oracle(args, dtype, torch.randn(*shape[:-1], experts, device="cuda"), misaligned)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim, dtype", [(64, torch.bfloat16), (40, torch.float32)], ids=["vector", "scalar"])
+def test_many_tiles_per_block_match_reference_and_repeat_bitwise(cuda_backend, dim, dtype):
+    """More rows than 64 per possible backward block (at most 8 per SM), so blocks add several row tiles into
+    their partial sums; the result matches the oracle and two runs agree bit for bit."""
+    rows = torch.cuda.get_device_properties(0).multi_processor_count * 8 * 64 + 37
+    args = make_inputs(Case(shape=(rows, dim), dtype=dtype), "cuda")
+    _check_against_oracle(args, dtype)
+    dy = torch.randn(args[0].shape, dtype=dtype, device="cuda")
+    once, again = _results(args, "cuda", dy), _results(args, "cuda", dy)
+    for what in once:
+        assert torch.equal(once[what], again[what]), what
+
+
+@pytest.mark.gpu
+def test_ops_called_directly(cuda_backend):
+    """The registered ops: schema-level defaults, no gating stored unless asked, fp32 weight gradients."""
+    x, w, b, v = (torch.randn(5, 33, device="cuda", dtype=torch.bfloat16), torch.randn(3, 33, device="cuda"),
+                  torch.randn(3, device="cuda"), torch.randn(3, 33, device="cuda"))
+    s = torch.full((1,), 0.5, device="cuda")
+    y, gating = torch.ops.steermoe.cuda_forward(x, w, b, v, s, False)
+    assert y.shape == x.shape and y.dtype == x.dtype and gating.shape == (0, 3)
+    y, gating = torch.ops.steermoe.cuda_forward(x, w, None, v, s, True)
+    assert gating.shape == (5, 3) and gating.dtype == torch.float32
+    grads = torch.ops.steermoe.cuda_backward(torch.randn_like(y), y, gating, w, v, s)
+    assert [(tuple(t.shape), t.dtype) for t in grads] == [
+        ((5, 33), torch.bfloat16), ((3, 33), torch.float32), ((3,), torch.float32), ((3, 33), torch.float32),
+        ((1,), torch.float32)]
+    with pytest.raises(RuntimeError, match="1..64 experts, got E=65"):
+        torch.ops.steermoe.cuda_forward(x, torch.randn(65, 33, device="cuda"), None,
+                                        torch.randn(65, 33, device="cuda"), s, False)
+
+
+# ------------------------------------------------------------------------------- without the extension
+def test_missing_extension_says_how_to_build_it(monkeypatch):
+    """With steermoe._C unimportable, the cuda backend is unavailable and an explicit request raises, both
+    naming the build command."""
+    monkeypatch.setitem(sys.modules, "steermoe._C", None)  # makes `import steermoe._C` fail
+    monkeypatch.setattr(steermoe._cuda, "UNAVAILABLE_REASON", steermoe._cuda.UNAVAILABLE_REASON)  # restored after
+    importlib.reload(steermoe._cuda)
+    monkeypatch.setattr(steermoe.ops, "_IMPORT_REASONS", {})
+    why = available_backends("cpu", explain=True)["cuda"]
+    assert "steermoe._C is not available" in why and BUILD_HINT in why
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run here: .*" + re.escape(BUILD_HINT)):
+        steer(*make_inputs(Case(shape=(4, 5), experts=3), "cpu"), backend="cuda")
