@@ -49,16 +49,17 @@ def cuda_extension():
         _log(SKIP_NOTE.format(why="STEERMOE_BUILD_CUDA=0"))
         return [], {}
     forced = flag in ("1", "true", "yes", "on")
-    _locate_cuda_home()
     try:
         import torch
-        from torch.utils import cpp_extension
     except ImportError:
         why = "torch is not importable in the build environment (use --no-build-isolation)"
         if forced:
             raise RuntimeError(f"STEERMOE_BUILD_CUDA=1 but {why}")
         _log(SKIP_NOTE.format(why=why))
         return [], {}
+    if torch.version.cuda is not None:
+        _locate_cuda_home()  # before cpp_extension reads CUDA_HOME at import
+    from torch.utils import cpp_extension
     if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
         why = ("torch is a CPU-only build" if torch.version.cuda is None
                else "nvcc not found: set CUDA_HOME to the toolkit root")
@@ -73,7 +74,7 @@ def cuda_extension():
         name="steermoe._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        # No -std flag: torch adds the standard its headers need (C++17 up to 2.9, C++20 since).
+        # No -std flag: torch adds the C++ standard its own headers need (C++20 for recent releases).
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
     _log(f"steermoe: building the CUDA fallback for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")

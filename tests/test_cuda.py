@@ -3,13 +3,19 @@
 On a GPU with the extension built: the ``cuda`` backend against the Triton kernels on the op's case list, the
 float64 oracle on the shapes that reach the extension's other code paths (16-byte vector and scalar paths,
 misaligned rows, E = 64 at Whisper width, several row tiles per block of the persistent backward), bitwise
-determinism there, and the ops called directly. Without a GPU: a missing extension is reported with the
-command that builds it.
+determinism there, and the ops called directly.
+
+Without a GPU: the kernel sources themselves, compiled for the CPU against csrc/emulation/cuda_on_cpu.h (a
+thread per CUDA thread), against the float64 oracle on the same code paths; and a missing extension is
+reported with the command that builds it.
 """
+import glob
 import importlib
+import os
 import re
 import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +138,107 @@ def test_ops_called_directly(cuda_backend):
     with pytest.raises(RuntimeError, match="1..64 experts, got E=65"):
         torch.ops.steermoe.cuda_forward(x, torch.randn(65, 33, device="cuda"), None,
                                         torch.randn(65, 33, device="cuda"), s, False)
+
+
+# --------------------------------------------------------------------------- the kernels, emulated on CPU
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+EMULATED_LAUNCHES = 3  # forward, backward, reduction
+TILED_ROWS = 8 * 64 + 37  # over 64 rows for each of the ≤ 8 blocks of kEmulatedSmCount = 1: several tiles each
+
+
+def _cuda_include_dir():
+    homes = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"))]
+    return next((f"{h}/include" for h in homes if h and os.path.exists(f"{h}/include/cuda_bf16.h")), None)
+
+
+def _emulated_sources(out: Path) -> list:
+    """steer_kernels.cu and steer_ops.cpp rewritten to run on CPU tensors through cuda_on_cpu.h, with the ops
+    registered as torch.ops.steermoe_emulated.cuda_forward / cuda_backward."""
+    kernels = (CSRC / "steer_kernels.cu").read_text()
+    rewrites = [
+        ('#include "steer.h"', '#include "cuda_on_cpu.h"\n#include "steer.h"'),
+        ("extern __shared__ float4 smem[];", "float4* smem = reinterpret_cast<float4*>(emulated_shared_memory);"),
+        ('asm volatile("prefetch.global.L2 [%0];" ::"l"(p));', "(void)p;"),
+        ("c10::cuda::getCurrentCUDAStream()", "cudaStream_t{}"),
+        ("cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.get_device())",
+         "(count = kEmulatedSmCount, 0)"),
+        ("    const Pack<T, C> pk = *reinterpret_cast<const Pack<T, C>*>(p + i);",
+         "    check_aligned(p + i, sizeof(Pack<T, C>));\n"
+         "    const Pack<T, C> pk = *reinterpret_cast<const Pack<T, C>*>(p + i);"),
+        ("    *reinterpret_cast<Pack<T, C>*>(p + i) = pk;",
+         "    check_aligned(p + i, sizeof(Pack<T, C>));\n    *reinterpret_cast<Pack<T, C>*>(p + i) = pk;"),
+    ] + [(f"#include <{h}>", "") for h in ("cuda_bf16.h", "cuda_fp16.h", "cuda_runtime.h",
+                                          "c10/cuda/CUDAException.h", "c10/cuda/CUDAStream.h")]
+    for old, new in rewrites:
+        assert old in kernels, f"steer_kernels.cu no longer contains {old!r}: update the emulation"
+        kernels = kernels.replace(old, new)
+    kernels, launches = re.subn(r"(\w+(?:<[^<>]*>)?)<<<(.*?)>>>\(", r"emulated_launch(\1, \2, ", kernels, flags=re.S)
+    assert launches == EMULATED_LAUNCHES, f"expected {EMULATED_LAUNCHES} kernel launches, found {launches}"
+
+    ops = (CSRC / "steer_ops.cpp").read_text()
+    ops = ops[:ops.index("PyMODINIT_FUNC")]
+    ops, guards = re.subn(r"  const c10::cuda::CUDAGuard guard\(\w+\.device\(\)\);\n", "", ops)
+    rewrites = [("#include <Python.h>", ""), ("#include <c10/cuda/CUDAGuard.h>", ""),
+                ("TORCH_CHECK(t.is_cuda(),", "TORCH_CHECK(t.is_cpu(),"),
+                ("TORCH_LIBRARY_FRAGMENT(steermoe,", "TORCH_LIBRARY_FRAGMENT(steermoe_emulated,"),
+                ("TORCH_LIBRARY_IMPL(steermoe, CUDA,", "TORCH_LIBRARY_IMPL(steermoe_emulated, CPU,")]
+    assert guards == 2, "steer_ops.cpp: expected a CUDAGuard in each op"
+    for old, new in rewrites:
+        assert old in ops, f"steer_ops.cpp no longer contains {old!r}: update the emulation"
+        ops = ops.replace(old, new)
+    paths = [out / "steer_kernels_emulated.cpp", out / "steer_ops_emulated.cpp"]
+    for path, text in zip(paths, (kernels, ops)):
+        path.write_text(text)
+    return [str(p) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """torch.ops.steermoe_emulated, built from the kernel sources for the CPU (about a minute on 2 cores)."""
+    from torch.utils import cpp_extension
+    include = _cuda_include_dir()
+    if include is None or not cpp_extension.is_ninja_available():
+        pytest.skip("building the emulation needs the CUDA headers (cuda_bf16.h) and ninja")
+    out = tmp_path_factory.mktemp("emulated")
+    cpp_extension.load(name="steermoe_emulated", sources=_emulated_sources(out), build_directory=str(out),
+                       extra_include_paths=[str(CSRC), str(CSRC / "emulation"), include],
+                       extra_cflags=["-O1", "-std=c++20", "-pthread"], extra_ldflags=["-pthread"],
+                       is_python_module=False)
+    return torch.ops.steermoe_emulated
+
+
+EMULATED = [  # (id, x shape, E, x dtype, params, misaligned, loss on the gating)
+    ("E8-vector-stash-bf16", (37, 256), 8, torch.bfloat16, "fp32", False, False),
+    ("E3-odd-D-fp32", (19, 33), 3, torch.float32, "fp32", False, True),
+    ("E64-misaligned-fp16", (21, 96), 64, torch.float16, "fp32", True, False),
+    ("E33-split-dV-fp32", (29, 40), 33, torch.float32, "fp32", False, True),
+    ("E16-bf16-params", (23, 72), 16, torch.bfloat16, "x", False, False),
+    ("E3-tiles-per-block-bf16", (TILED_ROWS, 64), 3, torch.bfloat16, "fp32", False, False),
+    ("E3-tiles-per-block-scalar-fp32", (TILED_ROWS, 20), 3, torch.float32, "fp32", False, True),
+    ("E8-no-rows", (0, 16), 8, torch.float32, "fp32", False, False),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape, experts, dtype, params, misaligned, gating_loss", [c[1:] for c in EMULATED],
+                         ids=[c[0] for c in EMULATED])
+def test_emulated_kernels_match_reference(emulated, shape, experts, dtype, params, misaligned, gating_loss):
+    """The ops on CPU tensors vs the float64 oracle; the backward repeats bit for bit."""
+    args = make_inputs(Case(shape=shape, experts=experts, dtype=dtype, params=params, scale="1el"), "cpu")
+    dy = torch.randn(shape, dtype=dtype)
+    dgating = torch.randn(shape[0], experts) if gating_loss else None
+    x, w, b, v, s = (a.detach() for a in args)
+    if misaligned:
+        x, dy = _misaligned(x), _misaligned(dy)
+    y, gating = emulated.cuda_forward(x, w, b, v, s, True)
+    y_alone, no_gating = emulated.cuda_forward(x, w, b, v, s, False)
+    assert torch.equal(y_alone, y) and no_gating.shape == (0, experts)
+    grads = emulated.cuda_backward(dy, y, gating, w, v, s, dgating)
+    results = dict(zip(("y", "gating", *GRAD_NAMES), (y, gating, *grads)))
+    for what, (expected, scale) in reference_results(args, dy, dgating).items():
+        assert_close(results[what], expected, scale, dtype, what)
+    for first, again in zip(grads, emulated.cuda_backward(dy, y, gating, w, v, s, dgating)):
+        assert torch.equal(first, again)
 
 
 # ------------------------------------------------------------------------------- without the extension
