@@ -92,7 +92,7 @@ setup(
     python_requires=">=3.10",
     packages=["steermoe", "steermoe.kernels", "steermoe.demo"],
     package_dir={"steermoe": "steermoe", "steermoe.kernels": "kernels"},
-    package_data={"steermoe.demo": ["*.parquet"]},
+    package_data={"steermoe.demo": ["*.parquet", "*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
