@@ -95,7 +95,7 @@ setup(
     package_data={"steermoe.demo": ["*.parquet", "*.yaml"]},
     install_requires=[
         "torch>=2.4",
-        "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "transformers>=4.45,<6",
         "safetensors>=0.4",
         "numpy>=1.24",

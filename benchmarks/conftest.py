@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.report import Results, environment, summary_lines, write_json  # noqa: E402
+from benchmarks.report import Results, environment, summary_lines  # noqa: E402
 from benchmarks.timing import DEVICE, copy_bandwidth_gbps  # noqa: E402
 
 _RESULTS = pytest.StashKey[Results]()
@@ -24,11 +24,13 @@ def pytest_addoption(parser):
     group.addoption("--bench-sweep", choices=("auto", "small", "full"), default="auto",
                     help="op shapes: full (GPU default) or small (CPU default)")
     group.addoption("--bench-out", metavar="DIR", default=None,
-                    help="write the summary rows and environment to DIR/summary.json")
+                    help="write the summary rows and environment to DIR/NAME.json, also while running")
+    group.addoption("--bench-name", metavar="NAME", default="summary", help="the JSON's name in --bench-out")
 
 
 def pytest_configure(config):
-    config.stash[_RESULTS] = Results()
+    out = config.getoption("--bench-out")
+    config.stash[_RESULTS] = Results(os.path.join(out, f"{config.getoption('--bench-name')}.json") if out else None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,10 +59,9 @@ def copy_gbps(results) -> float:
 
 
 def pytest_sessionfinish(session):
-    out = session.config.getoption("--bench-out")
     res = session.config.stash.get(_RESULTS, None)
-    if out and res is not None and res.rows:
-        write_json(os.path.join(out, "summary.json"), res)
+    if res is not None and res.rows:
+        res.save()
 
 
 @pytest.hookimpl(trylast=True)

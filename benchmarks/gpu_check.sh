@@ -3,48 +3,80 @@
 # CUDA tests, then the full benchmark sweep. Needs torch, triton, transformers, pytest and pytest-benchmark
 # already installed; soundfile and jiwer are not needed.
 #
-#   bash benchmarks/gpu_check.sh          # results in $OUT if set, else ./benchmark-results/
+#   bash benchmarks/gpu_check.sh                 # every stage: install tests op models
+#   bash benchmarks/gpu_check.sh install tests   # some stages, in the order given (later ones need install)
 #
-# Writes install.log, tests.log, benchmarks.log, summary.json (the summary rows) and pytest-benchmark.json.
-# Exits non-zero when any step failed; the later steps still run.
+# Stages: install (pip install -e ., CUDA fallback for this GPU), tests (CUDA tests, op tests on the GPU),
+# op (the op sweep, benchmarks/test_op.py), models (memory, encoder and train-step benchmarks).
+# Results go to $OUT if set, else ./benchmark-results/: install.log, tests.log, benchmarks.log, and per benchmark
+# stage STAGE.json (the summary rows, rewritten every few seconds while it runs) and STAGE-pytest-benchmark.json,
+# and summary.txt: the summary of every stage's rows, each op shape on its own line.
+# Each stage prints its duration. Exits non-zero when any stage failed; the later stages still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-./benchmark-results}"
 mkdir -p "$out"
+stages=("$@")
+[ "${#stages[@]}" -gt 0 ] || stages=(install tests op models)
 failed=()
+py="${PYTHON:-python3}"   # the interpreter that holds torch
 
 step() {  # step NAME LOG CMD...: run CMD, its output to the screen and LOG; exit 5 (nothing collected) is fine
-  local name=$1 log=$2 rc
+  local name=$1 log=$2 rc start=$SECONDS
   shift 2
   "$@" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || failed+=("$name (exit $rc)")
+  echo "== $name: exit $rc, $((SECONDS - start)) s"
 }
 
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device is visible'" || exit 1
-python -c "import torch; print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
+install() {
+  # the CUDA fallback only for this GPU's architecture, and only when nvcc is found
+  local arch build_cuda=0
+  arch=$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}"
+  if command -v nvcc >/dev/null 2>&1; then build_cuda=1; else echo "nvcc not found: Triton only"; fi
+  if ! STEERMOE_BUILD_CUDA=$build_cuda "$py" -m pip install --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1; then
+    failed+=("install (STEERMOE_BUILD_CUDA=$build_cuda, see $out/install.log)")
+    STEERMOE_BUILD_CUDA=0 "$py" -m pip install --no-build-isolation --no-deps -e . >>"$out/install.log" 2>&1 \
+      || { echo "install failed: see $out/install.log"; return 1; }
+  fi
+}
 
-# 1. install; the CUDA fallback only for this GPU's architecture, and only when nvcc is found
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python -c \
-  'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
-if command -v nvcc >/dev/null 2>&1; then build_cuda=1; else build_cuda=0; echo "nvcc not found: Triton only"; fi
-if ! STEERMOE_BUILD_CUDA=$build_cuda pip install --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1; then
-  failed+=("install (STEERMOE_BUILD_CUDA=$build_cuda, see $out/install.log)")
-  STEERMOE_BUILD_CUDA=0 pip install --no-build-isolation --no-deps -e . >>"$out/install.log" 2>&1 \
-    || { echo "install failed: see $out/install.log"; exit 1; }
+bench() {  # bench STAGE FILES...: one pytest-benchmark run over FILES, the full sweep
+  local stage=$1
+  shift
+  step "pytest $*" "$out/benchmarks.log" "$py" -m pytest -q -p no:cacheprovider "$@" --bench-sweep full \
+    --bench-out "$out" --bench-name "$stage" --benchmark-json "$out/$stage-pytest-benchmark.json" --benchmark-quiet
+}
+
+"$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device is visible'" || exit 1
+"$py" -c "import torch, triton; print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__,
+  '| triton', triton.__version__)"
+
+for stage in "${stages[@]}"; do
+  echo "== stage $stage"
+  case $stage in
+    install)
+      start=$SECONDS
+      install || exit 1
+      echo "== install: $((SECONDS - start)) s"
+      "$py" -c "import steermoe; print('backends:', steermoe.available_backends(explain=True))" ;;
+    tests)
+      step "pytest tests -m gpu" "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider tests -m gpu
+      step "pytest tests/test_ops.py" "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider tests/test_ops.py \
+        -m "not gpu" ;;
+    op) bench op benchmarks/test_op.py ;;
+    models) bench models benchmarks/test_memory.py benchmarks/test_encoder.py benchmarks/test_train_step.py ;;
+    *) echo "unknown stage '$stage': expected install, tests, op or models"; exit 2 ;;
+  esac
+done
+
+shopt -s nullglob
+saved=("$out"/op.json "$out"/models.json)
+if [ "${#saved[@]}" -gt 0 ]; then  # one summary of every stage's rows, each op shape on its own line
+  "$py" -m benchmarks.report --all-shapes "${saved[@]}" | tee "$out/summary.txt"
 fi
-python -c "import steermoe; print('backends:', steermoe.available_backends(explain=True))"
-
-# 2. CUDA tests: everything marked gpu, and the op tests (their kernels run on the GPU here)
-step "pytest tests -m gpu" "$out/tests.log" python -m pytest -q -p no:cacheprovider tests -m gpu
-if [ -f tests/test_ops.py ]; then
-  step "pytest tests/test_ops.py" "$out/tests.log" python -m pytest -q -p no:cacheprovider tests/test_ops.py -m "not gpu"
-fi
-
-# 3. the full benchmark sweep; the summary table ends the output
-step "pytest benchmarks" "$out/benchmarks.log" python -m pytest -q -p no:cacheprovider benchmarks --bench-sweep full \
-  --bench-out "$out" --benchmark-json "$out/pytest-benchmark.json" --benchmark-quiet
-
 echo "results: $out"
 if [ "${#failed[@]}" -gt 0 ]; then
   printf 'FAILED: %s\n' "${failed[@]}"

@@ -10,6 +10,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -24,18 +25,33 @@ INTERPRETER_NOTE = "* Triton's CPU interpreter: not a speed number"
 
 
 class Results:
-    """The rows measured in this session, and the environment they were measured in."""
+    """The rows measured in this session, and the environment they were measured in.
 
-    def __init__(self):
+    With a ``path``, the JSON is rewritten at most every ``save_every_s`` seconds as rows arrive (a run cut short
+    keeps what it measured) and by :meth:`save` at the end.
+    """
+
+    def __init__(self, path: Optional[str] = None, save_every_s: float = 5.0):
         self.rows: List[dict] = []
         self.env: Dict[str, object] = {}
+        self.path = path
+        self.save_every_s = save_every_s
+        self._saved_at = time.monotonic()
 
     def add(self, kind: str, row: dict, benchmark=None) -> dict:
         row = {"kind": kind, **row}
         self.rows.append(row)
         if benchmark is not None:
             benchmark.extra_info.update(row)
+        if self.path and time.monotonic() - self._saved_at >= self.save_every_s:
+            self.save()
         return row
+
+    def save(self) -> None:
+        """Write the JSON to ``path`` (nothing without one)."""
+        if self.path:
+            write_json(self.path, self)
+            self._saved_at = time.monotonic()
 
     def of(self, kind: str) -> List[dict]:
         return [r for r in self.rows if r["kind"] == kind]
@@ -101,9 +117,9 @@ def _geomean(values: Sequence[float]) -> Optional[float]:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
-def _op_lines(rows: List[dict]) -> List[str]:
+def _op_lines(rows: List[dict], max_shapes: int = MAX_OP_SHAPES) -> List[str]:
     """One line per (backend, shape): fwd and bwd time and %copy, fwd+bwd time and speedups (what the targets
-    name); past MAX_OP_SHAPES lines, the headline shapes plus one geometric-mean line per backend."""
+    name); past ``max_shapes`` lines, the headline shapes plus one geometric-mean line per backend."""
     by_shape: Dict[tuple, Dict[str, dict]] = {}
     for r in rows:
         if r["impl"] not in BASELINES:
@@ -126,7 +142,7 @@ def _op_lines(rows: List[dict]) -> List[str]:
         return "*" if any(r["interpreted"] for r in modes.values()) else ""
 
     shown = [(key, modes) for key, modes in by_shape.items()
-             if len(by_shape) <= MAX_OP_SHAPES or any(r["headline"] for r in modes.values())]
+             if len(by_shape) <= max_shapes or any(r["headline"] for r in modes.values())]
     table = [line(impl + tag(modes), shape, [modes]) for (impl, shape), modes in shown]
     if len(shown) < len(by_shape):
         for impl in dict.fromkeys(impl for impl, _ in by_shape):
@@ -184,7 +200,7 @@ def _train_lines(rows: List[dict]) -> List[str]:
              "resting model and optimizer"] + format_table(headers, table))
 
 
-def summary_lines(results: Results) -> List[str]:
+def summary_lines(results: Results, max_op_shapes: int = MAX_OP_SHAPES) -> List[str]:
     env = results.env
     driver = f" | driver {env['driver']}" if env.get("driver") else ""
     lines = [f"{env.get('device')}{driver} | {env.get('date')}",
@@ -192,7 +208,7 @@ def summary_lines(results: Results) -> List[str]:
              f"transformers {env.get('transformers')} | python {env.get('python')}"]
     if "copy_gbps" in env:
         lines.append(f"Measured copy bandwidth (read + write): {env['copy_gbps']:.1f} GB/s")
-    for section in (_op_lines(results.of("op")), _memory_lines(results.of("memory"), results.of("peak")),
+    for section in (_op_lines(results.of("op"), max_op_shapes), _memory_lines(results.of("memory"), results.of("peak")),
                     _encoder_lines(results.of("encoder")), _train_lines(results.of("train"))):
         if section:
             lines += [""] + section
@@ -208,3 +224,30 @@ def write_json(path: str, results: Results) -> None:
                   f, indent=1, default=str)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def read_json(paths: Sequence[str]) -> Results:
+    """The rows of one or more JSON files written by :func:`write_json`; the environment of the first."""
+    results = Results()
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        results.env = results.env or data["environment"]
+        results.rows += data["rows"]
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m benchmarks.report FILE.json ...``: the summary of saved results (e.g. several GPU-check stages)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    parser.add_argument("files", nargs="+", help="JSON files from --bench-out")
+    parser.add_argument("--all-shapes", action="store_true", help="one op line per (backend, shape), no geomeans")
+    args = parser.parse_args(argv)
+    results = read_json(args.files)
+    print("\n".join(summary_lines(results, max_op_shapes=10**9 if args.all_shapes else MAX_OP_SHAPES)))
+
+
+if __name__ == "__main__":
+    main()

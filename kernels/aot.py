@@ -6,6 +6,7 @@ Needs no GPU: ``python -m steermoe.kernels.aot [--arch 80 90] [--dim 1280]`` pri
 the interpreter the decorated kernels are not compilable objects.
 """
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ from . import steer as kernels
 
 X_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-EXPERTS = (1, 8, 33, 64)
+EXPERTS = (1, 8, 20, 33, 64)   # every expert padding: 16, 32, 64
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
@@ -50,17 +51,29 @@ def resource_usage(cubin: bytes) -> Dict[str, int]:
     return {k: int(v) for k, v in pairs if v.isdigit()}
 
 
+def ast_source(fn, signature: Dict[str, str], constexprs: Dict[str, object]) -> ASTSource:
+    """``ASTSource`` for ``fn`` with ``signature`` (pointer and integer arguments by name) and ``constexprs``, in
+    the form this Triton takes: ``constexprs=`` (3.3+), constants by name (3.2), by argument index (3.0, 3.1)."""
+    params = inspect.signature(ASTSource.__init__).parameters
+    full = {**signature, **{name: "constexpr" for name in constexprs}}
+    if "constexprs" in params:
+        return ASTSource(fn=fn, signature=full, constexprs=constexprs)
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 2):
+        return ASTSource(fn=fn, signature=full, constants=constexprs)
+    index = fn.arg_names.index
+    return ASTSource(fn=fn, signature={index(k): v for k, v in signature.items()},
+                     constants={index(k): v for k, v in constexprs.items()})
+
+
 def compile_kernel(kernel: str, x_dtype: torch.dtype, num_experts: int, arch: int, dim: int) -> dict:
     """Compile one launch configuration for ``sm_{arch}``; returns the config and its resource usage."""
     config = kernels.launch_config(kernel, dim, x_dtype, num_experts)
     options = {k: config.pop(k) for k in LAUNCH_OPTIONS}
     fn = kernels._steer_fwd_kernel if kernel == "forward" else kernels._steer_bwd_kernel
     config.update(dict(HAS_BIAS=True, STORE_GATING=True) if kernel == "forward" else dict(HAS_GATING_GRAD=True))
-    signature = _signature(kernel, x_dtype)
-    signature.update({name: "constexpr" for name in config})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=config),
+        compiled = triton.compile(ast_source(fn, _signature(kernel, x_dtype), config),
                                   target=GPUTarget("cuda", arch, 32), options=options)
     shown = {k: (str(v) if not isinstance(v, (int, str)) else v) for k, v in config.items()}
     return dict(kernel=kernel, dtype=str(x_dtype).replace("torch.", ""), experts=num_experts, arch=arch, dim=dim,

@@ -154,9 +154,10 @@ def launch_config(kernel: str, dim: int, dtype: torch.dtype, num_experts: int) -
     Every combination is compiled for sm_80 and sm_90 by tests/test_kernels_aot.py, which asserts no spills.
     """
     e_pad = _expert_pad(num_experts)
-    block_d = 64 if kernel == "forward" else 32
-    if dtype == torch.float32 and e_pad >= 64:  # exact fp32 products hold more registers
-        block_d //= 2
+    if kernel == "forward":
+        block_d = 32 if dtype == torch.float32 and e_pad >= 64 else 64  # exact fp32 products hold more registers
+    else:  # the backward keeps more (rows, E) tiles live: narrower D tiles as E grows, and for fp32
+        block_d = {16: 64, 32: 32}.get(e_pad, 16) // (2 if dtype == torch.float32 else 1)
     return dict(E=num_experts, E_PAD=e_pad, BLOCK_M=32,
                 BLOCK_D=max(16, min(block_d, triton.next_power_of_2(dim))),
                 PRECISION=_precision(dtype), num_warps=8, num_stages=1)

@@ -170,9 +170,9 @@ def check_against_reference(case: Case, backend: Tuple[str, str], gating_grad: b
 
 
 # ------------------------------------------------------------------------------------ numerics vs oracle
-SIZES = [  # (E, x shape): odd D, rows not a multiple of any block, leading dims, zero rows, E=64, wide D
+SIZES = [  # (E, x shape): odd D, rows not a multiple of any block, leading dims, zero rows, every E padding, wide D
     (1, (37, 33)), (3, (70, 100)), (8, (2, 35, 257)), (16, (1, 100)), (33, (5, 7, 33)),
-    (8, (0, 100)), (8, (2, 0, 33)), (64, (37, 48)), (8, (3, 1280)), (3, (2, 3, 2, 5, 17)), (8, (4, 1)),
+    (8, (0, 100)), (8, (2, 0, 33)), (20, (45, 70)), (64, (37, 48)), (8, (3, 1280)), (3, (2, 3, 2, 5, 17)), (8, (4, 1)),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VARIANTS = [
