@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_check.sh install tests   # some stages, in the order given (later ones need install)
 #
 # Stages: install (pip install -e ., CUDA fallback for this GPU), tests (CUDA tests, op tests on the GPU),
-# op (the op sweep, benchmarks/test_op.py), models (memory, encoder and train-step benchmarks).
+# op (the op sweep, benchmarks/test_op.py), models (memory, encoder and train-step benchmarks); and, only when
+# named, tune (python -m benchmarks.tune: Triton launch configurations timed at the headline shape, tune.json).
 # Results go to $OUT if set, else ./benchmark-results/: install.log, tests.log, benchmarks.log, and per benchmark
 # stage STAGE.json (the summary rows, rewritten every few seconds while it runs) and STAGE-pytest-benchmark.json,
 # and summary.txt: the summary of every stage's rows, each op shape on its own line.
@@ -68,7 +69,8 @@ for stage in "${stages[@]}"; do
         -m "not gpu" ;;
     op) bench op benchmarks/test_op.py ;;
     models) bench models benchmarks/test_memory.py benchmarks/test_encoder.py benchmarks/test_train_step.py ;;
-    *) echo "unknown stage '$stage': expected install, tests, op or models"; exit 2 ;;
+    tune) step "python -m benchmarks.tune" "$out/tune.log" "$py" -m benchmarks.tune --out "$out/tune.json" ;;
+    *) echo "unknown stage '$stage': expected install, tests, op, models or tune"; exit 2 ;;
   esac
 done
 

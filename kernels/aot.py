@@ -24,7 +24,6 @@ from . import steer as kernels
 X_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 EXPERTS = (1, 8, 20, 33, 64)   # every expert padding: 16, 32, 64
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
 def _signature(kernel: str, x_dtype: torch.dtype) -> Dict[str, str]:
@@ -65,19 +64,28 @@ def ast_source(fn, signature: Dict[str, str], constexprs: Dict[str, object]) -> 
                      constants={index(k): v for k, v in constexprs.items()})
 
 
-def compile_kernel(kernel: str, x_dtype: torch.dtype, num_experts: int, arch: int, dim: int) -> dict:
-    """Compile one launch configuration for ``sm_{arch}``; returns the config and its resource usage."""
-    config = kernels.launch_config(kernel, dim, x_dtype, num_experts)
-    options = {k: config.pop(k) for k in LAUNCH_OPTIONS}
+def compile_config(kernel: str, x_dtype: torch.dtype, config: dict, arch: int) -> dict:
+    """Compile ``kernel`` with a launch ``config`` (as :func:`launch_config` returns) for ``sm_{arch}``; returns
+    the PTX size and cuobjdump's resource usage."""
+    meta = {k: v for k, v in config.items() if k not in kernels.LAUNCH_OPTIONS and k != "programs_per_sm"}
+    options = {k: config[k] for k in kernels.LAUNCH_OPTIONS}
     fn = kernels._steer_fwd_kernel if kernel == "forward" else kernels._steer_bwd_kernel
-    config.update(dict(HAS_BIAS=True, STORE_GATING=True) if kernel == "forward" else dict(HAS_GATING_GRAD=True))
+    meta.update(dict(HAS_BIAS=True, STORE_GATING=True) if kernel == "forward" else dict(HAS_GATING_GRAD=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = triton.compile(ast_source(fn, _signature(kernel, x_dtype), config),
+        compiled = triton.compile(ast_source(fn, _signature(kernel, x_dtype), meta),
                                   target=GPUTarget("cuda", arch, 32), options=options)
+    return dict(ptx_bytes=len(compiled.asm["ptx"]), **resource_usage(compiled.asm["cubin"]))
+
+
+def compile_kernel(kernel: str, x_dtype: torch.dtype, num_experts: int, arch: int, dim: int) -> dict:
+    """Compile the launchers' configuration for ``sm_{arch}``; returns the config and its resource usage."""
+    config = kernels.launch_config(kernel, dim, x_dtype, num_experts)
+    usage = compile_config(kernel, x_dtype, config, arch)
+    options = {k: config.pop(k) for k in kernels.LAUNCH_OPTIONS}
     shown = {k: (str(v) if not isinstance(v, (int, str)) else v) for k, v in config.items()}
     return dict(kernel=kernel, dtype=str(x_dtype).replace("torch.", ""), experts=num_experts, arch=arch, dim=dim,
-                config=shown, **options, ptx_bytes=len(compiled.asm["ptx"]), **resource_usage(compiled.asm["cubin"]))
+                config=shown, **options, **usage)
 
 
 def compile_all(archs=(80, 90), dim: int = 1280) -> Iterator[dict]:

@@ -148,19 +148,26 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def launch_config(kernel: str, dim: int, dtype: torch.dtype, num_experts: int) -> dict:
-    """Block sizes and launch options of ``kernel`` ("forward" | "backward") for rows of width ``dim``.
+LAUNCH_OPTIONS = ("num_warps", "num_stages")  # launch options; the rest of a config are the kernel's constexprs
 
-    Every combination is compiled for sm_80 and sm_90 by tests/test_kernels_aot.py, which asserts no spills.
+
+def launch_config(kernel: str, dim: int, dtype: torch.dtype, num_experts: int) -> dict:
+    """Block sizes and launch options of ``kernel`` ("forward" | "backward") for rows of width ``dim``; the
+    backward's also holds ``programs_per_sm``, its persistent grid's size per SM.
+
+    Every combination is compiled for sm_80 and sm_90 by tests/test_kernels_aot.py, which asserts no spills;
+    ``python -m benchmarks.tune`` times alternatives on a GPU.
     """
     e_pad = _expert_pad(num_experts)
     if kernel == "forward":
         block_d = 32 if dtype == torch.float32 and e_pad >= 64 else 64  # exact fp32 products hold more registers
     else:  # the backward keeps more (rows, E) tiles live: narrower D tiles as E grows, and for fp32
         block_d = {16: 64, 32: 32}.get(e_pad, 16) // (2 if dtype == torch.float32 else 1)
-    return dict(E=num_experts, E_PAD=e_pad, BLOCK_M=32,
-                BLOCK_D=max(16, min(block_d, triton.next_power_of_2(dim))),
-                PRECISION=_precision(dtype), num_warps=8, num_stages=1)
+    config = dict(E=num_experts, E_PAD=e_pad, BLOCK_M=32, BLOCK_D=max(16, min(block_d, triton.next_power_of_2(dim))),
+                  PRECISION=_precision(dtype), num_warps=8, num_stages=1)
+    if kernel == "backward":
+        config["programs_per_sm"] = 1
+    return config
 
 
 def _device_guard(t: Tensor):
@@ -175,24 +182,25 @@ class _NullGuard:
         return False
 
 
-def _num_programs(t: Tensor, num_blocks: int) -> int:
+def _num_programs(t: Tensor, num_blocks: int, per_sm: int) -> int:
     if t.is_cuda:
-        cap = torch.cuda.get_device_properties(t.device).multi_processor_count
+        cap = per_sm * torch.cuda.get_device_properties(t.device).multi_processor_count
     else:
         cap = INTERPRETER_PROGRAMS
     return max(1, min(num_blocks, cap))
 
 
 def steer_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Tensor, scale: Tensor,
-                  save_gating: bool) -> Tuple[Tensor, Tensor]:
-    """x (N, D) contiguous → y (N, D) in x.dtype, gating (N, E) fp32 ((0, E) unless ``save_gating``)."""
+                  save_gating: bool, config: Optional[dict] = None) -> Tuple[Tensor, Tensor]:
+    """x (N, D) contiguous → y (N, D) in x.dtype, gating (N, E) fp32 ((0, E) unless ``save_gating``).
+    ``config`` replaces :func:`launch_config`'s."""
     n, d = x.shape
     e = weight.shape[0]
     y = torch.empty_like(x)
     gating = torch.empty((n if save_gating else 0, e), dtype=torch.float32, device=x.device)
     if n == 0:
         return y, gating
-    config = launch_config("forward", d, x.dtype, e)
+    config = config or launch_config("forward", d, x.dtype, e)
     with _device_guard(x):
         _steer_fwd_kernel[(triton.cdiv(n, config["BLOCK_M"]),)](
             x, weight, bias if bias is not None else weight, vectors, scale, y, gating, n, d,
@@ -201,14 +209,15 @@ def steer_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Te
 
 
 def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, vectors: Tensor, scale: Tensor,
-                   grad_gating: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   grad_gating: Optional[Tensor] = None,
+                   config: Optional[dict] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dy, y (N, D), gating (N, E) [, its gradient (N, E) fp32] → dx (N, D) in y.dtype; fp32 dW (E, D), db (E,),
-    dV (E, D), ds (1,)."""
+    dV (E, D), ds (1,). ``config`` replaces :func:`launch_config`'s."""
     n, d = y.shape
     e = weight.shape[0]
     dx = torch.empty_like(y)
-    config = launch_config("backward", d, y.dtype, e)
-    programs = _num_programs(y, triton.cdiv(n, config["BLOCK_M"]))
+    config = dict(config or launch_config("backward", d, y.dtype, e))
+    programs = _num_programs(y, triton.cdiv(n, config["BLOCK_M"]), config.pop("programs_per_sm"))
     f32 = dict(dtype=torch.float32, device=y.device)
     dw_part = torch.empty((programs, e, d), **f32)
     dv_part = torch.empty((programs, e, d), **f32)
