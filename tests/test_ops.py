@@ -5,6 +5,7 @@ TRITON_INTERPRET=1 without a GPU); ``cuda`` (the C++ extension) only with a GPU,
 Each test seeds torch from its own id, so inputs are random, differ between tests and reproduce on rerun.
 Shapes are tiny on purpose: the interpreter costs about a millisecond per program.
 """
+import importlib
 import re
 import zlib
 from dataclasses import dataclass
@@ -194,6 +195,29 @@ def test_sizes_match_reference(backend, experts, shape, dtype):
 @pytest.mark.parametrize("case", VARIANTS, ids=str)
 def test_variants_match_reference(backend, case):
     check_against_reference(case, backend)
+
+
+LAUNCH_VARIANTS = [  # other Triton launch configurations (benchmarks/tune.py's range), each of its extremes
+    dict(BLOCK_M=64, BLOCK_D=128, num_warps=4, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_D=16, num_warps=8, num_stages=2, programs_per_sm=2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("override", LAUNCH_VARIANTS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_launch_configurations_match_reference(monkeypatch, override, dtype):
+    """Any configuration the tuner may pick computes the same op: row and D tails, several row blocks per
+    persistent program, gating gradient included."""
+    module = importlib.import_module("steermoe.kernels.steer")
+    shipped = module.launch_config
+
+    def launch_config(kernel, dim, x_dtype, num_experts):
+        config = shipped(kernel, dim, x_dtype, num_experts)
+        return {**config, **{k: v for k, v in override.items() if k in config}}
+
+    monkeypatch.setattr(module, "launch_config", launch_config)
+    check_against_reference(Case(shape=(2, 53, 161), experts=5, dtype=dtype), ("triton", KERNEL_DEVICE),
+                            gating_grad=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
