@@ -5,10 +5,12 @@
 #
 #   bash benchmarks/gpu_check.sh                 # every stage: install tests op models
 #   bash benchmarks/gpu_check.sh install tests   # some stages, in the order given (later ones need install)
+#   bash benchmarks/gpu_check.sh op:bf16         # the op sweep's cases whose ids match pytest's -k bf16
 #
 # Stages: install (pip install -e ., CUDA fallback for this GPU), tests (CUDA tests, op tests on the GPU),
-# op (the op sweep, benchmarks/test_op.py), models (memory, encoder and train-step benchmarks); and, only when
-# named, tune (python -m benchmarks.tune: Triton launch configurations timed at the headline shape, tune.json).
+# op or op:EXPR (the op sweep, benchmarks/test_op.py, all of it or pytest -k EXPR), models (memory, encoder and
+# train-step benchmarks); and, only when named, tune (python -m benchmarks.tune: Triton launch configurations
+# timed at the headline shape, tune.json).
 # Results go to $OUT if set, else ./benchmark-results/: install.log, tests.log, benchmarks.log, and per benchmark
 # stage STAGE.json (the summary rows, rewritten every few seconds while it runs) and STAGE-pytest-benchmark.json,
 # and summary.txt: the summary of every stage's rows, each op shape on its own line.
@@ -44,13 +46,18 @@ install() {
   fi
 }
 
-bench() {  # bench STAGE FILES...: one pytest-benchmark run over FILES, the full sweep
-  local stage=$1
+bench() {  # bench NAME ARGS...: one pytest-benchmark run (files, pytest options), the full sweep
+  local name=$1
   shift
   step "pytest $*" "$out/benchmarks.log" "$py" -m pytest -q -p no:cacheprovider "$@" --bench-sweep full \
-    --bench-out "$out" --bench-name "$stage" --benchmark-json "$out/$stage-pytest-benchmark.json" --benchmark-quiet
+    --bench-out "$out" --bench-name "$name" --benchmark-json "$out/$name-pytest-benchmark.json" --benchmark-quiet
 }
 
+for stage in "${stages[@]}"; do  # a misspelt stage stops the run before anything is spent
+  case $stage in install|tests|op|op:?*|models|tune) ;;
+    *) echo "unknown stage '$stage': expected install, tests, op, op:EXPR, models or tune"; exit 2 ;;
+  esac
+done
 "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device is visible'" || exit 1
 "$py" -c "import torch, triton; print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__,
   '| triton', triton.__version__)"
@@ -68,14 +75,16 @@ for stage in "${stages[@]}"; do
       step "pytest tests/test_ops.py" "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider tests/test_ops.py \
         -m "not gpu" ;;
     op) bench op benchmarks/test_op.py ;;
+    op:*) bench "op-$(printf %s "${stage#op:}" | tr -c 'A-Za-z0-9.\n' _)" benchmarks/test_op.py -k "${stage#op:}" ;;
     models) bench models benchmarks/test_memory.py benchmarks/test_encoder.py benchmarks/test_train_step.py ;;
     tune) step "python -m benchmarks.tune" "$out/tune.log" "$py" -m benchmarks.tune --out "$out/tune.json" ;;
-    *) echo "unknown stage '$stage': expected install, tests, op, models or tune"; exit 2 ;;
   esac
 done
 
-shopt -s nullglob
-saved=("$out"/op.json "$out"/models.json)
+saved=()
+for f in "$out"/op*.json "$out"/models.json; do
+  case $f in *-pytest-benchmark.json) ;; *) [ -f "$f" ] && saved+=("$f") ;; esac
+done
 if [ "${#saved[@]}" -gt 0 ]; then  # one summary of every stage's rows, each op shape on its own line
   "$py" -m benchmarks.report --all-shapes "${saved[@]}" | tee "$out/summary.txt"
 fi
