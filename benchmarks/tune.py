@@ -6,9 +6,10 @@ Every candidate (BLOCK_M, BLOCK_D, num_warps, num_stages and, for the backward, 
 the real launcher; its outputs are checked against the shipped configuration's (the same math, so equal to
 rounding) and timed with the benchmarks' timer. One line per candidate, fastest first: median µs, achieved
 bandwidth (minimum bytes / time) and its share of the copy bandwidth measured in the same run. The fastest
-``--compile-top`` of each kernel are also compiled ahead of time for this GPU to read registers and spills; a
-configuration enters ``launch_config`` only if ``tests/test_kernels_aot.py`` stays free of spills. Candidates
-that fail to compile or launch (too much shared memory, say) are listed, not fatal. ``--out FILE`` writes JSON.
+``--compile-top`` of each kernel are also compiled ahead of time for this GPU to read registers, spills and
+dynamic shared memory; a configuration enters ``launch_config`` only if ``tests/test_kernels_aot.py`` stays free
+of spills. Candidates that fail to compile or launch (too much shared memory, say) are listed, not fatal.
+``--out FILE`` writes JSON.
 On CPU (Triton's interpreter) this only checks that the tool runs: keep the shape tiny.
 """
 import argparse
@@ -103,15 +104,15 @@ def _add_resource_usage(kernel: str, dtype: torch.dtype, rows: List[dict]) -> No
     major, minor = torch.cuda.get_device_capability(DEVICE)
     for row in rows:
         usage = compile_config(kernel, dtype, row["config"], 10 * major + minor)
-        row.update(regs=usage["REG"], spill_bytes=usage["LOCAL"] + usage["STACK"])
+        row.update(regs=usage["REG"], spill_bytes=usage["LOCAL"] + usage["STACK"], smem=usage["dynamic_shared"])
 
 
 def lines(results: List[dict]) -> List[str]:
     keys = [k for k in ("BLOCK_M", "BLOCK_D", "num_warps", "num_stages", "programs_per_sm")
             if k in results[0]["config"]]
     table = [[r["kernel"] + (" (shipped)" if r["shipped"] else ""), *(r["config"][k] for k in keys), r["us"],
-              r["copy_pct"], r.get("regs"), r.get("spill_bytes"), r["error"] or ""] for r in results]
-    return format_table(["kernel", *keys, "µs", "%copy", "regs", "spill B", "error"], table)
+              r["copy_pct"], r.get("regs"), r.get("spill_bytes"), r.get("smem"), r["error"] or ""] for r in results]
+    return format_table(["kernel", *keys, "µs", "%copy", "regs", "spill B", "smem B", "error"], table)
 
 
 def main(argv=None) -> None:

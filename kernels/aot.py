@@ -1,9 +1,10 @@
 """Ahead-of-time compile of every steering kernel for real GPU targets, with register and spill counts.
 
 Needs no GPU: ``python -m steermoe.kernels.aot [--arch 80 90] [--dim 1280]`` prints one JSON line per
-(kernel, x dtype, E, arch) with the launch configuration the launchers use and cuobjdump's resource usage
-(REG registers per thread; LOCAL or STACK above 0 means spills). Run it with TRITON_INTERPRET unset: under
-the interpreter the decorated kernels are not compilable objects.
+(kernel, x dtype, E, arch) with the launch configuration the launchers use, its dynamic shared memory (bytes;
+it grows with num_stages as loads are pipelined) and cuobjdump's resource usage (REG registers per thread;
+LOCAL or STACK above 0 means spills). Run it with TRITON_INTERPRET unset: under the interpreter the decorated
+kernels are not compilable objects.
 """
 import argparse
 import inspect
@@ -75,7 +76,8 @@ def compile_config(kernel: str, x_dtype: torch.dtype, config: dict, arch: int) -
         warnings.simplefilter("ignore")
         compiled = triton.compile(ast_source(fn, _signature(kernel, x_dtype), meta),
                                   target=GPUTarget("cuda", arch, 32), options=options)
-    return dict(ptx_bytes=len(compiled.asm["ptx"]), **resource_usage(compiled.asm["cubin"]))
+    return dict(ptx_bytes=len(compiled.asm["ptx"]), dynamic_shared=compiled.metadata.shared,
+                **resource_usage(compiled.asm["cubin"]))
 
 
 def compile_kernel(kernel: str, x_dtype: torch.dtype, num_experts: int, arch: int, dim: int) -> dict:
