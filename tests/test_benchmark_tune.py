@@ -1,5 +1,9 @@
 """The launch-configuration tuner runs end to end (on CPU through Triton's interpreter, at a tiny shape)."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +34,25 @@ def test_a_candidate_with_other_outputs_is_rejected():
     a = torch.randn(50, 7)
     assert tune._close((a, a[:, 0]), (a + 1e-5, a[:, 0]))
     assert not tune._close((a, a[:, 0]), (a, a[:, 0] * 1.1))
+
+
+def test_resource_usage_of_the_fastest(tmp_path):
+    """The GPU-only step (registers, spills, shared memory of the fastest candidates), run here through the
+    ahead-of-time compiler for sm_90 in a subprocess without TRITON_INTERPRET."""
+    script = """
+import json, sys, torch
+from unittest import mock
+from benchmarks import tune
+from steermoe.kernels.steer import launch_config
+rows = [dict(config=launch_config(kernel, 1280, torch.bfloat16, 8)) for kernel in ("forward", "backward")]
+with mock.patch.object(torch.cuda, "get_device_capability", return_value=(9, 0)):
+    for kernel, row in zip(("forward", "backward"), rows):
+        tune._add_resource_usage(kernel, torch.bfloat16, [row])
+print(json.dumps(rows))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    assert all(0 < r["regs"] <= 255 and r["spill_bytes"] == 0 and r["smem"] > 0 for r in rows)
