@@ -1,7 +1,7 @@
 """Collects the measured rows, prints the one-screen summary (ending with the targets the rows bear on, met or
 missed: reported, never asserted), writes the JSON.
 
-Each benchmark adds a dict (``kind``: op, memory, peak, encoder or train) that also becomes its pytest-benchmark
+Each benchmark adds a dict (``kind``: op, memory, peak, encoder, clip or train) that also becomes its pytest-benchmark
 ``extra_info``. Nothing here measures anything.
 """
 import datetime
@@ -185,6 +185,14 @@ def _encoder_lines(rows: List[dict]) -> List[str]:
             + format_table(["config", "variant", "B", "T_mel", "ms", "% vs unsteered"], table))
 
 
+def _clip_lines(rows: List[dict]) -> List[str]:
+    if not rows:
+        return []
+    table = [[r["config"], r["padding"], r["mel_frames"], r["ms"]] for r in rows]
+    return ([f"Encoding one {rows[0]['seconds']} s clip (steered, forward only): median ms"]
+            + format_table(["config", "padded to", "T_mel", "ms"], table))
+
+
 def _train_lines(rows: List[dict]) -> List[str]:
     if not rows:
         return []
@@ -243,6 +251,11 @@ def _target_checks(results: Results) -> List[tuple]:
             overhead = (steered_ms / base - 1) * 100
             checks.append(("encoder steering overhead ≤ 3 % (whisper-large-v3 shapes, 30 s)", overhead,
                            overhead <= 3))
+    clip = {r["padding"]: r for r in results.of("clip")}
+    if "30 s" in clip and "none" in clip:
+        speedup = clip["30 s"]["ms"] / clip["none"]["ms"]
+        checks.append((f"a {clip['none']['seconds']} s clip encodes ≥ 4× faster unpadded than padded to 30 s "
+                       f"({clip['none']['config']})", speedup, speedup >= 4))
     train = {r["pipeline"]: r["samples_per_s"] for r in results.of("train") if "whisper-large" in r["config"]}
     if "steermoe" in train and "original" in train:
         ratio = train["steermoe"] / train["original"]
@@ -268,7 +281,8 @@ def summary_lines(results: Results, max_op_shapes: int = MAX_OP_SHAPES) -> List[
     if "copy_gbps" in env:
         lines.append(f"Measured copy bandwidth (read + write): {env['copy_gbps']:.1f} GB/s")
     for section in (_op_lines(results.of("op"), max_op_shapes), _memory_lines(results.of("memory"), results.of("peak")),
-                    _encoder_lines(results.of("encoder")), _train_lines(results.of("train")), _target_lines(results)):
+                    _encoder_lines(results.of("encoder")), _clip_lines(results.of("clip")),
+                    _train_lines(results.of("train")), _target_lines(results)):
         if section:
             lines += [""] + section
     return lines

@@ -1,9 +1,12 @@
 """Encoder level: forward+backward of a frozen Whisper encoder, unsteered vs steered (the overhead of steering
-every layer), and steered on variable-length input vs 30 s padding (:mod:`benchmarks.models` for the shapes).
+every layer), and steered on variable-length input vs 30 s padding (:mod:`benchmarks.models` for the shapes);
+and encoding (forward, no gradients) one 5 s clip with and without 30 s padding.
 
 Gradients are taken for the input features (so the unsteered encoder runs the same backward through every layer)
 and, when steered, for the steering parameters.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -43,3 +46,22 @@ def test_encoder_step(benchmark, results, steered, variant):
     ms = measure(benchmark, step, rounds=1, min_reps=3, budget_s=0.3)
     results.add("encoder", dict(config=SETUP.name, variant=variant, batch=batch, mel_frames=mel_frames,
                                 dtype=DTYPE_NAMES[SETUP.dtype], ms=ms), benchmark)
+
+
+CLIP_SECONDS = 5
+
+
+@pytest.mark.parametrize("padding", ("30 s", "none"))
+def test_encode_short_clip(benchmark, results, steered, padding):
+    setup = dataclasses.replace(SETUP, seconds=(CLIP_SECONDS,))
+    features, mask = mel_batch(steered.config.num_mel_bins, padded_30s=padding == "30 s", setup=setup)
+    kwargs = {} if mask is None else {"attention_mask": mask}
+
+    def encode(_):
+        with torch.no_grad():
+            return steered(features, **kwargs).last_hidden_state
+
+    benchmark.group = f"encode one {CLIP_SECONDS} s clip, {SETUP.name}"
+    ms = measure(benchmark, encode, rounds=1, min_reps=3, budget_s=0.3)
+    results.add("clip", dict(config=SETUP.name, seconds=CLIP_SECONDS, padding=padding, mel_frames=features.shape[-1],
+                             dtype=DTYPE_NAMES[SETUP.dtype], ms=ms), benchmark)

@@ -83,6 +83,8 @@ def test_targets_are_judged_on_the_worst_case():
                           samples_per_s=80.0, peak_mb=1.0, trainable=1))
     res.add("train", dict(pipeline="original", config="whisper-large-v3 shapes", padding="p", batch=8, ms=400.0,
                           samples_per_s=20.0, peak_mb=1.0, trainable=1))
+    for padding, ms in (("30 s", 30.0), ("none", 10.0)):
+        res.add("clip", dict(config="small", seconds=5, padding=padding, mel_frames=1, dtype="fp32", ms=ms))
     verdicts = {text: (value, met) for text, value, met in _target_checks(res)}
     assert verdicts["triton fwd %copy ≥ 90 (headline shapes)"] == (91.0, True)       # the worse of 95 and 91
     assert verdicts["triton bwd %copy ≥ 70 (headline shapes)"] == (75.0, True)
@@ -97,5 +99,6 @@ def test_targets_are_judged_on_the_worst_case():
     overhead, met = verdicts["encoder steering overhead ≤ 3 % (whisper-large-v3 shapes, 30 s)"]
     assert abs(overhead - 4.0) < 1e-9 and not met
     assert verdicts["train step ≥ 3× the original's samples/s (whisper-large-v3 shapes)"] == (4.0, True)
+    assert verdicts["a 5 s clip encodes ≥ 4× faster unpadded than padded to 30 s (small)"] == (3.0, False)
     assert not any(text.startswith("eager") for text in verdicts)                   # baselines are not judged
     assert "MISSED" in "\n".join(summary_lines(res))
