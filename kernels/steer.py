@@ -163,8 +163,10 @@ def launch_config(kernel: str, dim: int, dtype: torch.dtype, num_experts: int) -
         block_d = 32 if dtype == torch.float32 and e_pad >= 64 else 64  # exact fp32 products hold more registers
     else:  # the backward keeps more (rows, E) tiles live: narrower D tiles as E grows, and for fp32
         block_d = {16: 64, 32: 32}.get(e_pad, 16) // (2 if dtype == torch.float32 else 1)
+    # 3 stages pipeline the forward's loads (more bytes in flight per SM); spill-free at E_PAD = 16 only
+    stages = 3 if kernel == "forward" and e_pad == 16 else 1
     config = dict(E=num_experts, E_PAD=e_pad, BLOCK_M=32, BLOCK_D=max(16, min(block_d, triton.next_power_of_2(dim))),
-                  PRECISION=_precision(dtype), num_warps=8, num_stages=1)
+                  PRECISION=_precision(dtype), num_warps=8, num_stages=stages)
     if kernel == "backward":
         config["programs_per_sm"] = 1
     return config
