@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_check.sh                 # every stage: install tests op models
 #   bash benchmarks/gpu_check.sh install tests   # some stages, in the order given (later ones need install)
 #   bash benchmarks/gpu_check.sh op:bf16         # the op sweep's cases whose ids match pytest's -k bf16
+#   GPU_CHECK_ON_CPU=1 bash benchmarks/gpu_check.sh op:torch   # checks this script itself: CPU, small sweep
 #
 # Stages: install (pip install -e ., CUDA fallback for this GPU), tests (CUDA tests, op tests on the GPU),
 # op or op:EXPR (the op sweep, benchmarks/test_op.py, all of it or pytest -k EXPR), models (memory, encoder and
@@ -46,10 +47,10 @@ install() {
   fi
 }
 
-bench() {  # bench NAME ARGS...: one pytest-benchmark run (files, pytest options), the full sweep
+bench() {  # bench NAME ARGS...: one pytest-benchmark run (files, pytest options) over the $sweep sweep
   local name=$1
   shift
-  step "pytest $*" "$out/benchmarks.log" "$py" -m pytest -q -p no:cacheprovider "$@" --bench-sweep full \
+  step "pytest $*" "$out/benchmarks.log" "$py" -m pytest -q -p no:cacheprovider "$@" --bench-sweep "$sweep" \
     --bench-out "$out" --bench-name "$name" --benchmark-json "$out/$name-pytest-benchmark.json" --benchmark-quiet
 }
 
@@ -58,9 +59,14 @@ for stage in "${stages[@]}"; do  # a misspelt stage stops the run before anythin
     *) echo "unknown stage '$stage': expected install, tests, op, op:EXPR, models or tune"; exit 2 ;;
   esac
 done
-"$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device is visible'" || exit 1
-"$py" -c "import torch, triton; print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__,
-  '| triton', triton.__version__)"
+sweep=full
+if [ "${GPU_CHECK_ON_CPU:-0}" = 1 ]; then
+  sweep=small
+else
+  "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device is visible'" || exit 1
+fi
+"$py" -c "import torch, triton; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu',
+  '| torch', torch.__version__, '| triton', triton.__version__)"
 
 for stage in "${stages[@]}"; do
   echo "== stage $stage"
