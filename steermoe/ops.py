@@ -9,7 +9,10 @@ implementation provides
                                                     [gradients of the parameters in fp32; dg: gating's gradient]
 
 and saves nothing itself: the autograd registration below keeps only y, the gating and the parameters,
-and the backward recomputes x = y − s·(g V).
+and the backward recomputes x = y − s·(g V). torch.compile traces the custom ops; eager calls go through an
+``autograd.Function`` built from the same pieces, because torch.library's per-call dispatch costs more than the
+whole eager composition at small sizes (measured on CPU, torch backend, 4 × 8 rows: steer() forward 94 → 48 µs,
+forward + backward 270 → 184 µs; the eager composition 22 / 108 µs).
 """
 import importlib
 import os
@@ -139,7 +142,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(y, gating, weight, vectors, scale)
 
 
-def _backward(ctx, grad_y, grad_gating):
+def _backward(ctx, grad_y, grad_gating, backward_op=_steer_backward_op):
     y, gating, weight, vectors, scale = ctx.saved_tensors
     if gating.shape[0] != y.shape[0]:
         raise RuntimeError("steermoe: the forward ran without saving the gating, so it cannot be differentiated")
@@ -147,14 +150,34 @@ def _backward(ctx, grad_y, grad_gating):
         grad_y = torch.zeros_like(y)
     if grad_gating is not None:
         grad_gating = grad_gating.contiguous().to(gating.dtype)
-    dx, dw, db, dv, ds = _steer_backward_op(grad_y.contiguous(), y, gating, weight, vectors, scale, grad_gating,
-                                            ctx.backend)
+    dx, dw, db, dv, ds = backward_op(grad_y.contiguous(), y, gating, weight, vectors, scale, grad_gating, ctx.backend)
     w_dtype, b_dtype, v_dtype = ctx.param_dtypes
     return (dx, dw.to(w_dtype), db.to(b_dtype) if ctx.has_bias else None, dv.to(v_dtype), ds,
             None, None)
 
 
 _steer_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _eager_backward_op(grad_y, y, gating, weight, vectors, scale, grad_gating, backend):
+    return _impl(backend).steer_backward(grad_y, y, gating, weight, vectors, scale, grad_gating)
+
+
+class _SteerFunction(torch.autograd.Function):
+    """The custom ops' eager twin: the same implementations, saved tensors and backward, without torch.library's
+    dispatch (which costs more per call than the eager composition at small sizes). torch.compile traces the
+    custom ops instead; steer() picks this only outside compilation."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # (x, weight, bias, vectors, scale, backend, save_gating), as the op takes them
+        x, weight, bias, vectors, scale, backend, save_gating = inputs
+        output = _impl(backend).steer_forward(x, weight, bias, vectors, scale, save_gating)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_gating):
+        return _backward(ctx, grad_y, grad_gating, backward_op=_eager_backward_op)
 
 
 # ----------------------------------------------------------------------------------------- public API
@@ -231,7 +254,8 @@ def steer(x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor], vecto
         rows = rows.contiguous()
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, router_weight, router_bias, vectors, s))
-    y, gating = _steer_forward_op(rows, router_weight.contiguous(),
+    forward = _steer_forward_op if torch.compiler.is_compiling() else _SteerFunction.apply
+    y, gating = forward(rows, router_weight.contiguous(),
                                   None if router_bias is None else router_bias.contiguous(),
                                   vectors.contiguous(), s, name, bool(return_gating or needs_grad))
     y = y.reshape(x.shape)

@@ -432,6 +432,22 @@ def test_available_backends_explains():
 
 
 # --------------------------------------------------------------------------------------- torch.compile
+def test_compile_traces_the_custom_ops():
+    """Eager calls take the autograd.Function twin; under torch.compile steer() emits the custom op instead."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    args = make_inputs(Case(shape=(4, 9), experts=3), "cpu")
+    torch.compile(lambda *a: steer(*a, backend="torch"), fullgraph=True, backend=capture)(*args)
+    assert len(graphs) == 1 and "steermoe.steer_forward" in graphs[0]
+    node = steer(*args, backend="torch").grad_fn.next_functions[0][0]    # under the reshape back to x's shape
+    assert type(node).__name__ == "_SteerFunctionBackward"
+
+
 def test_compile_fullgraph_matches_eager():
     """torch.compile(fullgraph=True) traces steer (custom op + fake + autograd) with no graph break."""
     torch._dynamo.reset()
