@@ -1,7 +1,7 @@
 """Collects the measured rows, prints the one-screen summary (ending with the targets the rows bear on, met or
 missed: reported, never asserted), writes the JSON.
 
-Each benchmark adds a dict (``kind``: op, memory, peak, encoder, clip or train) that also becomes its pytest-benchmark
+Each benchmark adds a dict (``kind``: op, memory, peak, encoder, clip, overhead or train) that also becomes its pytest-benchmark
 ``extra_info``. Nothing here measures anything.
 """
 import datetime
@@ -193,6 +193,18 @@ def _clip_lines(rows: List[dict]) -> List[str]:
             + format_table(["config", "padded to", "T_mel", "ms"], table))
 
 
+def _overhead_lines(rows: List[dict]) -> List[str]:
+    if not rows:
+        return []
+    us = {(r["impl"], r["mode"]): r["us"] for r in rows}
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    table = [[impl] + [v for mode in ("fwd", "fwd+bwd") for v in
+                       (us.get((impl, mode)), us[("eager", mode)] / us[(impl, mode)]
+                        if ("eager", mode) in us and (impl, mode) in us else None)] for impl in impls]
+    return ([f"Per call at {rows[0]['shape']} (launch-bound; calls back to back): µs, and eager's time over it"]
+            + format_table(["impl", "fwd µs", "×eager", "fwd+bwd µs", "×eager"], table))
+
+
 def _train_lines(rows: List[dict]) -> List[str]:
     if not rows:
         return []
@@ -282,7 +294,8 @@ def summary_lines(results: Results, max_op_shapes: int = MAX_OP_SHAPES) -> List[
         lines.append(f"Measured copy bandwidth (read + write): {env['copy_gbps']:.1f} GB/s")
     for section in (_op_lines(results.of("op"), max_op_shapes), _memory_lines(results.of("memory"), results.of("peak")),
                     _encoder_lines(results.of("encoder")), _clip_lines(results.of("clip")),
-                    _train_lines(results.of("train")), _target_lines(results)):
+                    _overhead_lines(results.of("overhead")), _train_lines(results.of("train")),
+                    _target_lines(results)):
         if section:
             lines += [""] + section
     return lines

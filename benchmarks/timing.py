@@ -2,6 +2,8 @@
 
 On CUDA: CUDA events around each call, L2 flushed before each call, warm-up first, one synchronisation at
 the end, median over the repetitions. On CPU the work is synchronous, so ``time.perf_counter`` per call.
+The L2 flush keeps the GPU busy while Python prepares the timed call, so these are device times; for calls too
+small to hide their Python and launch overhead, :func:`per_call_us` times calls back to back instead.
 """
 import functools
 import statistics
@@ -55,6 +57,27 @@ def _l2_flush_buffer() -> torch.Tensor:
     return torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=DEVICE)
 
 
+def per_call_us(fn: Callable[[Any], Any], *, calls: int = 200, rounds: int = 5, warmup: int = 20) -> float:
+    """Microseconds per call of ``fn(None)`` called back to back, one synchronisation per round (best round):
+    what a caller pays when the work is too small to hide Python and launch overhead."""
+    for _ in range(warmup):
+        fn(None)
+    best = float("inf")
+    for _ in range(rounds):
+        _synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn(None)
+        _synchronize()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def _synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def copy_bandwidth_gbps(nbytes: int) -> float:
     """Measured device-to-device copy bandwidth in GB/s (bytes read + bytes written per second)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE).random_()
@@ -74,8 +97,7 @@ def measure(benchmark, fn: Callable[[Any], Any], setup: Optional[Callable[[], An
 
     def target(arg):
         fn(arg)
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize()
 
     benchmark.pedantic(target, setup=lambda: ((prepare(),), {}), rounds=rounds, iterations=1)
     return ms
