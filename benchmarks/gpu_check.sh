@@ -9,9 +9,9 @@
 #   GPU_CHECK_ON_CPU=1 bash benchmarks/gpu_check.sh op:torch   # checks this script itself: CPU, small sweep
 #
 # Stages: install (pip install -e ., CUDA fallback for this GPU), tests (CUDA tests, op tests on the GPU),
-# op or op:EXPR (the op sweep, benchmarks/test_op.py, all of it or pytest -k EXPR), models (memory, encoder and
-# train-step benchmarks); and, only when named, tune (python -m benchmarks.tune: Triton launch configurations
-# timed at the headline shape, tune.json).
+# op or op:EXPR (the op sweep, benchmarks/test_op.py, all of it or pytest -k EXPR), models (memory, per-call
+# overhead, encoder and train-step benchmarks); and, only when named, tune (python -m benchmarks.tune: Triton
+# launch configurations timed at the headline shape, tune.json).
 # Results go to $OUT if set, else ./benchmark-results/: install.log, tests.log, benchmarks.log, and per benchmark
 # stage STAGE.json (the summary rows, rewritten every few seconds while it runs) and STAGE-pytest-benchmark.json,
 # and summary.txt: the summary of every stage's rows, each op shape on its own line.
@@ -82,7 +82,8 @@ for stage in "${stages[@]}"; do
         -m "not gpu" ;;
     op) bench op benchmarks/test_op.py ;;
     op:*) bench "op-$(printf %s "${stage#op:}" | tr -c 'A-Za-z0-9.\n' _)" benchmarks/test_op.py -k "${stage#op:}" ;;
-    models) bench models benchmarks/test_memory.py benchmarks/test_encoder.py benchmarks/test_train_step.py ;;
+    models) bench models benchmarks/test_memory.py benchmarks/test_overhead.py benchmarks/test_encoder.py \
+      benchmarks/test_train_step.py ;;
     tune) step "python -m benchmarks.tune" "$out/tune.log" "$py" -m benchmarks.tune --out "$out/tune.json" ;;
   esac
 done
