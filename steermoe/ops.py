@@ -255,9 +255,8 @@ def steer(x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor], vecto
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, router_weight, router_bias, vectors, s))
     forward = _steer_forward_op if torch.compiler.is_compiling() else _SteerFunction.apply
-    y, gating = forward(rows, router_weight.contiguous(),
-                                  None if router_bias is None else router_bias.contiguous(),
-                                  vectors.contiguous(), s, name, bool(return_gating or needs_grad))
+    y, gating = forward(rows, router_weight.contiguous(), None if router_bias is None else router_bias.contiguous(),
+                        vectors.contiguous(), s, name, bool(return_gating or needs_grad))
     y = y.reshape(x.shape)
     if return_gating:
         return y, gating.reshape(*x.shape[:-1], num_experts)
