@@ -22,6 +22,7 @@ import torch
 
 from steermoe.kernels import steer as kernels
 
+from .impls import OpCase, OpInputs, make_inputs
 from .report import environment, format_table
 from .roofline import min_bytes
 from .timing import DEVICE, copy_bandwidth_gbps, median_ms
@@ -46,24 +47,14 @@ def candidates(kernel: str, dim: int, dtype: torch.dtype, experts: int, grid: Di
     return out
 
 
-def _inputs(rows: int, dim: int, experts: int, dtype: torch.dtype, seed: int = 0) -> Dict[str, torch.Tensor]:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def randn(*shape, std=1.0, dt=torch.float32):
-        return (torch.randn(*shape, generator=gen) * std).to(DEVICE, dt)
-
-    return dict(x=randn(rows, dim, dt=dtype), dy=randn(rows, dim, dt=dtype),
-                weight=randn(experts, dim, std=dim ** -0.5), bias=randn(experts, std=0.1),
-                vectors=randn(experts, dim, std=0.1), scale=torch.tensor([0.5], device=DEVICE))
-
-
-def runner(kernel: str, inp: Dict[str, torch.Tensor]) -> Callable[[dict], tuple]:
-    """A call of ``kernel``'s launcher with a given config, returning its outputs."""
-    x, w, b, v, s = inp["x"], inp["weight"], inp["bias"], inp["vectors"], inp["scale"]
+def runner(kernel: str, inp: OpInputs) -> Callable[[dict], tuple]:
+    """A call of ``kernel``'s launcher with a given config, returning its outputs; x is (N, D) rows."""
+    x, dy = inp.x.detach().flatten(0, 1), inp.grad_y.flatten(0, 1)
+    w, b, v, s = (t.detach() for t in (inp.weight, inp.bias, inp.vectors, inp.scale.reshape(1)))
     if kernel == "forward":
         return lambda config: kernels.steer_forward(x, w, b, v, s, save_gating=True, config=config)
     y, gating = kernels.steer_forward(x, w, b, v, s, save_gating=True)
-    return lambda config: kernels.steer_backward(inp["dy"], y, gating, w, v, s, config=config)
+    return lambda config: kernels.steer_backward(dy, y, gating, w, v, s, config=config)
 
 
 def _close(outputs: tuple, expected: tuple) -> bool:
@@ -75,8 +66,7 @@ def _close(outputs: tuple, expected: tuple) -> bool:
 def tune(kernel: str, rows: int, dim: int, experts: int, dtype: torch.dtype, copy_gbps: float,
          grid: Dict[str, tuple], compile_top: int) -> List[dict]:
     """One row per candidate: config, ``us``, ``gbps``, ``copy_pct``, ``error``; sorted fastest first."""
-    inp = _inputs(rows, dim, experts, dtype)
-    run = runner(kernel, inp)
+    run = runner(kernel, make_inputs(OpCase(1, rows, dim, experts, dtype)))
     configs = candidates(kernel, dim, dtype, experts, grid)
     expected = run(configs[0])
     nbytes = min_bytes(MODES[kernel], rows, dim, experts, torch.finfo(dtype).bits // 8)
