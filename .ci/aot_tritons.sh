@@ -5,7 +5,7 @@
 # environment steermoe is installed in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VERSIONS="${STEERMOE_CI_TRITONS:-3.0.0 3.2.0 3.3.1 3.6.0}"
+VERSIONS="${STEERMOE_CI_TRITONS:-3.0.0 3.2.0 3.3.1 3.6.0 3.8.0}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 for version in $VERSIONS; do

@@ -68,8 +68,7 @@ def ast_source(fn, signature: Dict[str, str], constexprs: Dict[str, object]) -> 
 def compile_config(kernel: str, x_dtype: torch.dtype, config: dict, arch: int) -> dict:
     """Compile ``kernel`` with a launch ``config`` (as :func:`launch_config` returns) for ``sm_{arch}``; returns
     the PTX size and cuobjdump's resource usage."""
-    meta = {k: v for k, v in config.items() if k not in kernels.LAUNCH_OPTIONS and k != "programs_per_sm"}
-    options = {k: config[k] for k in kernels.LAUNCH_OPTIONS}
+    meta, options = kernels.split_config(kernel, config)
     fn = kernels._steer_fwd_kernel if kernel == "forward" else kernels._steer_bwd_kernel
     meta.update(dict(HAS_BIAS=True, STORE_GATING=True) if kernel == "forward" else dict(HAS_GATING_GRAD=True))
     with warnings.catch_warnings():
@@ -84,8 +83,8 @@ def compile_kernel(kernel: str, x_dtype: torch.dtype, num_experts: int, arch: in
     """Compile the launchers' configuration for ``sm_{arch}``; returns the config and its resource usage."""
     config = kernels.launch_config(kernel, dim, x_dtype, num_experts)
     usage = compile_config(kernel, x_dtype, config, arch)
-    options = {k: config.pop(k) for k in kernels.LAUNCH_OPTIONS}
-    shown = {k: (str(v) if not isinstance(v, (int, str)) else v) for k, v in config.items()}
+    _, options = kernels.split_config(kernel, config)
+    shown = {k: (str(v) if not isinstance(v, (int, str)) else v) for k, v in config.items() if k not in options}
     return dict(kernel=kernel, dtype=str(x_dtype).replace("torch.", ""), experts=num_experts, arch=arch, dim=dim,
                 config=shown, **options, **usage)
 
