@@ -13,6 +13,7 @@ import glob
 import importlib
 import os
 import re
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -144,6 +145,7 @@ def test_ops_called_directly(cuda_backend):
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 EMULATED_LAUNCHES = 3  # forward, backward, reduction
 TILED_ROWS = 8 * 64 + 37  # over 64 rows for each of the ≤ 8 blocks of kEmulatedSmCount = 1: several tiles each
+WARP_TILED_ROWS = 4 * 64 + 37  # the same for the ≤ 4 blocks of 2 warps (D = 256 bf16 at E = 8, D = 40 at E = 33)
 
 
 def _cuda_include_dir():
@@ -192,19 +194,24 @@ def _emulated_sources(out: Path) -> list:
     return [str(p) for p in paths]
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    """torch.ops.steermoe_emulated, built from the kernel sources for the CPU (about a minute on 2 cores)."""
+def _build_emulation(out: Path, sanitize: bool = False):
+    """torch.ops.steermoe_emulated, built from the kernel sources for the CPU (about a minute on 2 cores) and
+    loaded into this process; with ThreadSanitizer if `sanitize` (the process must have libtsan preloaded)."""
     from torch.utils import cpp_extension
     include = _cuda_include_dir()
     if include is None or not cpp_extension.is_ninja_available():
         pytest.skip("building the emulation needs the CUDA headers (cuda_bf16.h) and ninja")
-    out = tmp_path_factory.mktemp("emulated")
+    tsan = ["-fsanitize=thread", "-g"] if sanitize else []
     cpp_extension.load(name="steermoe_emulated", sources=_emulated_sources(out), build_directory=str(out),
                        extra_include_paths=[str(CSRC), str(CSRC / "emulation"), include],
-                       extra_cflags=["-O1", "-std=c++20", "-pthread"], extra_ldflags=["-pthread"],
+                       extra_cflags=["-O1", "-std=c++20", "-pthread", *tsan], extra_ldflags=["-pthread", *tsan],
                        is_python_module=False)
     return torch.ops.steermoe_emulated
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    return _build_emulation(tmp_path_factory.mktemp("emulated"))
 
 
 EMULATED = [  # (id, x shape, E, x dtype, params, misaligned, loss on the gating)
@@ -215,14 +222,13 @@ EMULATED = [  # (id, x shape, E, x dtype, params, misaligned, loss on the gating
     ("E16-bf16-params", (23, 72), 16, torch.bfloat16, "x", False, False),
     ("E3-tiles-per-block-bf16", (TILED_ROWS, 64), 3, torch.bfloat16, "fp32", False, False),
     ("E3-tiles-per-block-scalar-fp32", (TILED_ROWS, 20), 3, torch.float32, "fp32", False, True),
+    ("E8-warps-tiles-per-block-bf16", (WARP_TILED_ROWS, 256), 8, torch.bfloat16, "fp32", False, True),
+    ("E33-warps-tiles-per-block-fp32", (WARP_TILED_ROWS, 40), 33, torch.float32, "fp32", False, False),
     ("E8-no-rows", (0, 16), 8, torch.float32, "fp32", False, False),
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("shape, experts, dtype, params, misaligned, gating_loss", [c[1:] for c in EMULATED],
-                         ids=[c[0] for c in EMULATED])
-def test_emulated_kernels_match_reference(emulated, shape, experts, dtype, params, misaligned, gating_loss):
+def _check_emulated(ops, shape, experts, dtype, params, misaligned, gating_loss):
     """The ops on CPU tensors vs the float64 oracle; the backward repeats bit for bit."""
     args = make_inputs(Case(shape=shape, experts=experts, dtype=dtype, params=params, scale="1el"), "cpu")
     dy = torch.randn(shape, dtype=dtype)
@@ -230,15 +236,52 @@ def test_emulated_kernels_match_reference(emulated, shape, experts, dtype, param
     x, w, b, v, s = (a.detach() for a in args)
     if misaligned:
         x, dy = _misaligned(x), _misaligned(dy)
-    y, gating = emulated.cuda_forward(x, w, b, v, s, True)
-    y_alone, no_gating = emulated.cuda_forward(x, w, b, v, s, False)
+    y, gating = ops.cuda_forward(x, w, b, v, s, True)
+    y_alone, no_gating = ops.cuda_forward(x, w, b, v, s, False)
     assert torch.equal(y_alone, y) and no_gating.shape == (0, experts)
-    grads = emulated.cuda_backward(dy, y, gating, w, v, s, dgating)
+    grads = ops.cuda_backward(dy, y, gating, w, v, s, dgating)
     results = dict(zip(("y", "gating", *GRAD_NAMES), (y, gating, *grads)))
     for what, (expected, scale) in reference_results(args, dy, dgating).items():
         assert_close(results[what], expected, scale, dtype, what)
-    for first, again in zip(grads, emulated.cuda_backward(dy, y, gating, w, v, s, dgating)):
+    for first, again in zip(grads, ops.cuda_backward(dy, y, gating, w, v, s, dgating)):
         assert torch.equal(first, again)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c[1:] for c in EMULATED], ids=[c[0] for c in EMULATED])
+def test_emulated_kernels_match_reference(emulated, case):
+    _check_emulated(emulated, *case)
+
+
+RACE_CASES = ("E8-vector-stash-bf16", "E8-warps-tiles-per-block-bf16")  # shared memory of both kernels, 4 blocks
+
+
+@pytest.mark.slow
+def test_emulated_kernels_race_free(tmp_path):
+    """Emulated cases that use shared memory from several warps and run blocks side by side, built with
+    ThreadSanitizer in a process that preloads its runtime (about a minute): no data race between the threads of a
+    block (a missing __syncthreads) or between concurrent blocks, and the same results."""
+    libtsan = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libtsan.so"],
+                             capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libtsan):
+        pytest.skip("ThreadSanitizer's runtime (libtsan.so) is not installed")
+    script = f"""
+import os, sys
+from pathlib import Path
+del os.environ["LD_PRELOAD"]  # the compiler and the linker run without the sanitizer
+sys.path[:0] = [{str(Path(__file__).parent)!r}]
+import torch, test_cuda
+torch.manual_seed(0)
+ops = test_cuda._build_emulation(Path({str(tmp_path)!r}), sanitize=True)
+for case in test_cuda.EMULATED:
+    if case[0] in test_cuda.RACE_CASES:
+        test_cuda._check_emulated(ops, *case[1:])
+        print(case[0], "ok", flush=True)
+"""
+    env = {**os.environ, "LD_PRELOAD": libtsan, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66 report_signal_unsafe=0"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-6000:]
+    assert run.stdout.split() == [word for name in RACE_CASES for word in (name, "ok")]
 
 
 # ------------------------------------------------------------------------------- without the extension
