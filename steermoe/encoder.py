@@ -10,6 +10,7 @@ import inspect
 import json
 import logging
 import math
+import operator
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -40,8 +41,9 @@ _MASKING_ATTENTION = ("eager", "sdpa")
 class SteeredEncoderOutput(BaseModelOutput):
     """``BaseModelOutput`` plus the steering gates and the encoder-frame mask.
 
-    gating: one (B, T_out, E) float32 tensor per steered layer (``return_gating=True`` only).
-    attention_mask: (B, T_out) long, 1 = real encoder frame (only when an ``attention_mask`` was given).
+    gating: one (B, T_out, E) float32 tensor per steered layer (``return_gating=True`` only); at padded frames
+        it holds the gates of padding, so statistics over it should weight frames by ``attention_mask``.
+    attention_mask: (B, T_out) long, 1 = real encoder frame (only when padding was masked).
     """
 
     gating: Optional[Tuple[Tensor, ...]] = None
@@ -62,6 +64,8 @@ class SteeredWhisperEncoder(nn.Module):
         num_experts: E, steering vectors per layer.
         steering_scale: initial value of every ``layer_scales`` entry (0 makes the module an exact identity).
         layers: encoder layer indices to steer (default: all), e.g. ``range(16, 32)``.
+
+    The steering tensors are float32 whatever the encoder's dtype or torch's default dtype.
     """
 
     main_input_name = "input_features"
@@ -71,13 +75,9 @@ class SteeredWhisperEncoder(nn.Module):
         super().__init__()
         if not isinstance(encoder, WhisperEncoder):
             raise TypeError(f"encoder must be a transformers WhisperEncoder; got {type(encoder).__name__}")
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be a positive int; got {num_experts!r}")
+        num_experts = _positive_int(num_experts, "num_experts")
         num_layers = len(encoder.layers)
-        steered = list(range(num_layers)) if layers is None else sorted({int(i) for i in layers})
-        if not steered or steered[0] < 0 or steered[-1] >= num_layers:
-            raise ValueError(f"layers must be a non-empty set of encoder layer indices in [0, {num_layers}); "
-                             f"got {None if layers is None else list(layers)}")
+        steered = list(range(num_layers)) if layers is None else _layer_indices(layers, num_layers)
         _use_masking_attention(encoder)
         encoder.requires_grad_(False)
         encoder.eval()
@@ -92,27 +92,32 @@ class SteeredWhisperEncoder(nn.Module):
         self._layer_takes_head_mask = "layer_head_mask" in inspect.signature(encoder.layers[0].forward).parameters
 
         n, e, d = len(steered), num_experts, self.hidden_size
-        device = encoder.conv1.weight.device
+        f32 = dict(device=encoder.conv1.weight.device, dtype=torch.float32)
         bound = 1.0 / math.sqrt(d)  # nn.Linear's default init: U(-1/√fan_in, 1/√fan_in) for weight and bias
-        self.router_weight = nn.Parameter(torch.empty(n, e, d, device=device).uniform_(-bound, bound))
-        self.router_bias = nn.Parameter(torch.empty(n, e, device=device).uniform_(-bound, bound))
-        self.steering_vectors = nn.Parameter(torch.randn(n, e, d, device=device) * 0.01)
-        self.layer_scales = nn.Parameter(torch.full((n,), float(steering_scale), device=device))
+        self.router_weight = nn.Parameter(torch.empty(n, e, d, **f32).uniform_(-bound, bound))
+        self.router_bias = nn.Parameter(torch.empty(n, e, **f32).uniform_(-bound, bound))
+        self.steering_vectors = nn.Parameter(torch.randn(n, e, d, **f32) * 0.01)
+        self.layer_scales = nn.Parameter(torch.full((n,), float(steering_scale), **f32))
 
     # ----------------------------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, name_or_path: str, num_experts: int = 8, steering_scale: float = 0.1,
-                        layers: Optional[Iterable[int]] = None, torch_dtype=None, **kw) -> "SteeredWhisperEncoder":
+                        layers: Optional[Iterable[int]] = None, dtype=None, **kw) -> "SteeredWhisperEncoder":
         """Load only the encoder of a Whisper checkpoint (local directory or hub id) and wrap it.
 
         Reads the encoder tensors (``model.encoder.*`` or ``encoder.*``) from ``model.safetensors`` (sharded or not)
         or, failing that, memory-maps ``pytorch_model.bin``; the decoder's tensors are never loaded.
 
         Args:
-            torch_dtype: encoder weight dtype: a ``torch.dtype`` or its name; None → float32; ``"auto"`` → as stored.
+            dtype: encoder weight dtype: a ``torch.dtype`` or its name; None → float32; ``"auto"`` → as stored.
+                ``torch_dtype`` is accepted as its older name, as transformers does.
             kw: ``attn_implementation`` (``"sdpa"`` default, or ``"eager"``) and hub options
                 (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``subfolder``).
         """
+        if "torch_dtype" in kw:
+            if dtype is not None:
+                raise TypeError("pass the weight dtype as dtype or as torch_dtype, not both")
+            dtype = kw.pop("torch_dtype")
         attn_implementation = kw.pop("attn_implementation", "sdpa")
         if attn_implementation not in _MASKING_ATTENTION:
             raise ValueError(f"attn_implementation must be one of {_MASKING_ATTENTION} (they take the padding mask); "
@@ -125,10 +130,10 @@ class SteeredWhisperEncoder(nn.Module):
         config._attn_implementation = attn_implementation
         config.name_or_path = name_or_path  # recorded as the source in steering_config.json
         state = _load_encoder_state(name_or_path, kw)
-        dtype = _resolve_dtype(torch_dtype, state)
+        weight_dtype = _resolve_dtype(dtype, state)
         with torch.device("meta"):
             encoder = WhisperEncoder(config)
-        encoder.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        encoder.load_state_dict({k: v.to(weight_dtype) for k, v in state.items()}, strict=True, assign=True)
         return cls(encoder, num_experts=num_experts, steering_scale=steering_scale, layers=layers)
 
     # ---------------------------------------------------------------------------------- nn.Module API
@@ -137,6 +142,10 @@ class SteeredWhisperEncoder(nn.Module):
         super().train(mode)
         self.encoder.eval()
         return self
+
+    def _freeze_parameters(self) -> None:
+        """What ``WhisperForConditionalGeneration.freeze_encoder()`` calls: freeze the steering too."""
+        self.requires_grad_(False)
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each frozen layer in backward instead of keeping its activations (steering grads unchanged)."""
@@ -176,30 +185,36 @@ class SteeredWhisperEncoder(nn.Module):
     def forward(self, input_features: Tensor, attention_mask: Optional[Tensor] = None,
                 output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
                 return_gating: bool = False, output_attentions: Optional[bool] = None,
-                head_mask: Optional[Tensor] = None, **kwargs) -> Union[SteeredEncoderOutput, Tuple]:
+                head_mask: Optional[Tensor] = None, mask_padding: Optional[bool] = None,
+                **kwargs) -> Union[SteeredEncoderOutput, Tuple]:
         """Encode log-mel features, steering after each chosen layer.
 
-        Whisper was pretrained on 30 s windows (3000 mel frames, 1500 encoder frames). A full-length input without
-        ``attention_mask`` reproduces that exactly. Shorter inputs are accepted too (any length up to
-        :attr:`max_mel_frames`) and cost proportionally less; for a padded batch pass ``attention_mask`` and each
-        sample's output equals its output alone: padded mel frames are zeroed, padded encoder frames are masked as
-        attention keys, and ``last_hidden_state`` is zero at padded frames.
+        Whisper was pretrained on 30 s windows (3000 mel frames, 1500 encoder frames), padding included, and its
+        encoder never masks: at that length this module does the same by default, so ``generate()`` of a
+        ``WhisperForConditionalGeneration`` (which passes the processor's mask) sees Whisper's encoder. Shorter
+        inputs are accepted too (any length up to :attr:`max_mel_frames`) and cost proportionally less. With
+        padding masked, each sample of a padded batch gets its output alone: padded mel frames are zeroed, padded
+        encoder frames are masked as attention keys, and ``last_hidden_state`` is zero at padded frames.
 
         Args:
             input_features: (B, n_mels, T_mel) log-mel features (cast to the encoder's dtype).
             attention_mask: (B, T_mel), 1 = real mel frame; right padding only.
+            mask_padding: apply ``attention_mask``: None (default) → only for inputs shorter than
+                :attr:`max_mel_frames` (at the full window it is ignored, as Whisper's encoder does); True → always
+                (a padded batch whose longest clip fills the window); False → never.
             output_hidden_states: also return, as transformers does, each layer's input (the embeddings, then
                 the previous layer's steered output) and the final layer-normed output: n_layers + 1 tensors.
-            return_dict: False returns a tuple (last_hidden_state, [hidden_states], [gating], [attention_mask]).
+            output_attentions: also return each layer's self-attention weights (B, heads, T_out, T_out); as in
+                transformers, only eager attention produces them (sdpa: an empty tuple and a warning).
+            return_dict: False returns a tuple (last_hidden_state, [hidden_states], [attentions], [gating],
+                [attention_mask]).
             return_gating: return the per-steered-layer gates, each (B, T_out, E) float32.
-            output_attentions, head_mask: accepted for transformers' callers; only their defaults are supported.
+            head_mask: accepted for transformers' callers; only None is supported.
             kwargs: other transformers keyword arguments (e.g. from ``WhisperModel.forward``); they do not apply.
 
         Returns:
             :class:`SteeredEncoderOutput`; ``last_hidden_state`` is (B, T_out, D), T_out = ``output_lengths(T_mel)``.
         """
-        if output_attentions:
-            raise ValueError("output_attentions=True is not supported by SteeredWhisperEncoder")
         if head_mask is not None:
             raise ValueError("head_mask is not supported by SteeredWhisperEncoder; pass None")
         if output_hidden_states is None:
@@ -208,32 +223,38 @@ class SteeredWhisperEncoder(nn.Module):
 
         encoder = self.encoder
         features = self._check_features(input_features)
+        if mask_padding is None:
+            mask_padding = features.shape[-1] < self.max_mel_frames
         frame_mask = out_mask = layer_mask = returned_mask = None
-        if attention_mask is not None and not _is_generate_placeholder(attention_mask, features):
+        if mask_padding and attention_mask is not None and not _is_generate_placeholder(attention_mask, features):
             frame_mask, out_mask = self._frame_masks(attention_mask, features)
             returned_mask = out_mask.long()
             if bool(out_mask.all()):          # nothing padded: the unmasked (faster) path is exact
                 frame_mask = out_mask = None
 
-        if frame_mask is not None:
-            features = features * frame_mask[:, None, :].to(features.dtype)
+        if frame_mask is not None:            # where, not a product: padding may hold inf or NaN
+            features = torch.where(frame_mask[:, None, :], features, 0)
         h = nn.functional.gelu(encoder.conv1(features))
         if frame_mask is not None:            # zeros where the sample alone would see conv2's zero padding
-            h = h * frame_mask[:, None, :].to(h.dtype)
+            h = torch.where(frame_mask[:, None, :], h, 0)
         h = nn.functional.gelu(encoder.conv2(h)).permute(0, 2, 1)
         h = h + encoder.embed_positions.weight[: h.shape[1]]
         if out_mask is not None:
             layer_mask = _additive_key_mask(out_mask, h.dtype)
 
         all_states: Tuple[Tensor, ...] = ()
+        attentions: List[Tensor] = []
         gating: List[Tensor] = []
         for idx, layer in enumerate(encoder.layers):
             if output_hidden_states:
                 all_states += (h,)
+            call = (layer, h, layer_mask, self._layer_takes_head_mask, bool(output_attentions))
             if self.gradient_checkpointing and torch.is_grad_enabled() and h.requires_grad:
-                h = checkpoint(_call_layer, layer, h, layer_mask, self._layer_takes_head_mask, use_reentrant=False)
+                h, weights = checkpoint(_call_layer, *call, use_reentrant=False)
             else:
-                h = _call_layer(layer, h, layer_mask, self._layer_takes_head_mask)
+                h, weights = _call_layer(*call)
+            if weights is not None:
+                attentions.append(weights)
             row = self._row_of_layer.get(idx)
             if row is not None:
                 out = steer(h, self.router_weight[row], self.router_bias[row], self.steering_vectors[row],
@@ -249,7 +270,11 @@ class SteeredWhisperEncoder(nn.Module):
         if output_hidden_states:
             all_states += (h,)
 
+        if output_attentions and not attentions:
+            logger.warning("%s attention does not return attention weights; load the encoder with "
+                           "attn_implementation='eager' for output_attentions", self.config._attn_implementation)
         output = SteeredEncoderOutput(last_hidden_state=h, hidden_states=all_states or None,
+                                      attentions=tuple(attentions) if output_attentions else None,
                                       gating=tuple(gating) if return_gating else None,
                                       attention_mask=returned_mask)
         return output if return_dict else output.to_tuple()
@@ -259,6 +284,8 @@ class SteeredWhisperEncoder(nn.Module):
         if not isinstance(input_features, Tensor) or input_features.dim() != 3 or input_features.shape[1] != n_mels:
             got = tuple(input_features.shape) if isinstance(input_features, Tensor) else type(input_features).__name__
             raise ValueError(f"input_features must have shape (B, {n_mels}, T_mel); got {got}")
+        if input_features.shape[0] == 0:
+            raise ValueError("input_features must hold at least one sample; got B = 0")
         if not 1 <= input_features.shape[-1] <= self.max_mel_frames:
             raise ValueError(f"input_features must have 1..{self.max_mel_frames} mel frames "
                              f"(Whisper's 30 s window); got {input_features.shape[-1]}")
@@ -324,10 +351,47 @@ class SteeredWhisperEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- layer calls
-def _call_layer(layer: nn.Module, h: Tensor, mask: Optional[Tensor], takes_head_mask: bool) -> Tensor:
-    """One frozen ``WhisperEncoderLayer``: transformers 4.x takes a head mask and returns a tuple, 5.x neither."""
-    out = layer(h, mask, layer_head_mask=None) if takes_head_mask else layer(h, mask)
-    return out[0] if isinstance(out, tuple) else out
+def _call_layer(layer: nn.Module, h: Tensor, mask: Optional[Tensor], takes_head_mask: bool,
+                output_attentions: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """One frozen ``WhisperEncoderLayer`` → (output, its attention weights if asked for and produced).
+
+    transformers 4.x takes a head mask and ``output_attentions`` and returns a tuple; 5.x takes neither, returns
+    the hidden states alone and leaves the weights to be read off its ``self_attn`` (second output)."""
+    if takes_head_mask:
+        out = layer(h, mask, layer_head_mask=None, output_attentions=output_attentions)
+        return out[0], out[1] if output_attentions else None
+    if not output_attentions:
+        return layer(h, mask), None
+    seen: List[Optional[Tensor]] = []
+    hook = layer.self_attn.register_forward_hook(lambda module, args, out: seen.append(out[1]))
+    try:
+        return layer(h, mask), seen[0]
+    finally:
+        hook.remove()
+
+
+def _positive_int(value, name: str) -> int:
+    """value as an int ≥ 1 (numpy integers too); ValueError naming the argument otherwise."""
+    if not isinstance(value, bool):
+        try:
+            if operator.index(value) >= 1:
+                return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(f"{name} must be a positive int; got {value!r}")
+
+
+def _layer_indices(layers: Iterable[int], num_layers: int) -> List[int]:
+    """Sorted distinct layer indices in [0, num_layers); ValueError naming ``layers`` otherwise."""
+    given = list(layers)
+    try:
+        indices = sorted({operator.index(i) for i in given})
+    except TypeError:
+        indices = []
+    if any(isinstance(i, bool) for i in given) or not indices or indices[0] < 0 or indices[-1] >= num_layers:
+        raise ValueError(f"layers must be a non-empty set of int encoder layer indices in [0, {num_layers}); "
+                         f"got {given}")
+    return indices
 
 
 def _is_generate_placeholder(attention_mask: Tensor, features: Tensor) -> bool:
@@ -419,12 +483,12 @@ def _read_tensors(path: str, prefix: Optional[str]) -> Dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _resolve_dtype(torch_dtype, state: Dict[str, Tensor]) -> torch.dtype:
-    if torch_dtype is None:
+def _resolve_dtype(dtype, state: Dict[str, Tensor]) -> torch.dtype:
+    if dtype is None:
         return torch.float32
-    if torch_dtype == "auto":
+    if dtype == "auto":
         return next(iter(state.values())).dtype
-    dtype = getattr(torch, torch_dtype, None) if isinstance(torch_dtype, str) else torch_dtype
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"torch_dtype must be a floating torch.dtype, its name, 'auto' or None; got {torch_dtype!r}")
-    return dtype
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, its name, 'auto' or None; got {dtype!r}")
+    return resolved

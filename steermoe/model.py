@@ -227,7 +227,7 @@ class SteerMoEModel(nn.Module):
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}; got {dtype!r}")
         encoder = SteeredWhisperEncoder.from_pretrained(whisper, num_experts=num_experts,
                                                         steering_scale=steering_scale, layers=layers,
-                                                        torch_dtype=torch_dtype)
+                                                        dtype=torch_dtype)
         try:
             log_mel = LogMel(WhisperFeatureExtractor.from_pretrained(whisper))
         except OSError:   # a checkpoint without preprocessor_config.json: Whisper's defaults
@@ -297,7 +297,8 @@ class SteerMoEModel(nn.Module):
 
     def _audio(self, input_features: Tensor, attention_mask: Optional[Tensor], return_gating: bool):
         """Projected audio (B, T', H_llm), real positions per row (B,), and the encoder output."""
-        enc = self.encoder(input_features, attention_mask=attention_mask, return_gating=return_gating)
+        enc = self.encoder(input_features, attention_mask=attention_mask, return_gating=return_gating,
+                           mask_padding=True)  # also when the longest clip fills Whisper's 30 s window
         h, keep = self.downsample(enc.last_hidden_state, enc.attention_mask)
         audio = self.projector(h.to(self.projector_dtype))
         return audio, keep.sum(-1), enc

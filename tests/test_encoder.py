@@ -3,6 +3,7 @@ import copy
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,13 @@ def test_lazy_import_and_trainable_parameters(tiny_path):
     enc.train()
     assert enc.training and not enc.encoder.training
     assert not any(m.training for m in enc.encoder.modules())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # as inside a from_pretrained(dtype=...) context
+    try:
+        wrapped = SteeredWhisperEncoder(enc.encoder, num_experts=2)
+    finally:
+        torch.set_default_dtype(default)
+    assert all(p.dtype == torch.float32 for p in wrapped.parameters() if p.requires_grad)
 
 
 def test_identity_equals_transformers_on_30s_input(tiny_path):
@@ -114,10 +122,19 @@ def test_identity_equals_transformers_on_30s_input(tiny_path):
     assert len(got.hidden_states) == len(want.hidden_states) == N_LAYERS + 1
     for a, b in zip(got.hidden_states, want.hidden_states):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    # a full-length mask changes nothing; the tuple form holds the same tensor
-    full = enc(x, attention_mask=torch.ones(2, 3000, dtype=torch.long), return_dict=False)
+    # at the full window a padding mask is ignored, as Whisper's encoder ignores it (generate() passes one) ...
+    padded = torch.ones(2, 3000, dtype=torch.long)
+    padded[1, 1200:] = 0
+    full = enc(x, attention_mask=padded, return_dict=False)
+    assert len(full) == 1
     torch.testing.assert_close(full[0], want.last_hidden_state, rtol=1e-6, atol=1e-6)
-    assert torch.all(full[-1] == 1) and full[-1].shape == (2, 1500)
+    # ... unless asked for: then the padded sample gets its output alone
+    with torch.no_grad():
+        masked = enc(x, attention_mask=padded, mask_padding=True)
+        alone = enc(x[1:, :, :1200]).last_hidden_state
+    assert masked.attention_mask.sum(-1).tolist() == [1500, 600]
+    torch.testing.assert_close(masked.last_hidden_state[1, :600], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked.last_hidden_state[0], want.last_hidden_state[0], rtol=1e-6, atol=1e-6)
 
 
 def test_generate_after_swap(tiny_path):
@@ -127,7 +144,10 @@ def test_generate_after_swap(tiny_path):
     model.generation_config.suppress_tokens = None  # an empty list trips transformers 4.x's Whisper generate
     model.generation_config.begin_suppress_tokens = None
     x = torch.randn(2, N_MELS, 3000)
-    kwargs = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    padded = torch.ones(2, 3000, dtype=torch.long)  # what the processor's return_attention_mask=True gives
+    padded[1, 1100:] = 0
+    kwargs = dict(attention_mask=padded, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                  output_scores=True)
     want = model.generate(x, **kwargs)
     enc = SteeredWhisperEncoder(model.model.encoder, num_experts=3, steering_scale=0.0)
     model.model.encoder = enc
@@ -143,6 +163,35 @@ def test_generate_after_swap(tiny_path):
     model.proj_out.requires_grad_(False)
     model(x, labels=torch.tensor([[3, 4, 5], [6, 7, 2]])).loss.backward()
     assert all(getattr(enc, n).grad.abs().sum() > 0 for n in ("router_weight", "steering_vectors", "layer_scales"))
+    model.freeze_encoder()
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_output_attentions_like_transformers(tiny_path, attn):
+    """Attention weights as transformers' encoder returns them: per layer from eager attention, none from sdpa;
+    also through gradient checkpointing, and with a masked padded batch (zero weight on padded keys)."""
+    from transformers import WhisperForConditionalGeneration
+
+    hf = WhisperForConditionalGeneration.from_pretrained(tiny_path, attn_implementation=attn).model.encoder.eval()
+    enc = SteeredWhisperEncoder.from_pretrained(tiny_path, num_experts=2, steering_scale=0.0,
+                                                attn_implementation=attn)
+    x = torch.randn(2, N_MELS, 3000)
+    with torch.no_grad():
+        want, got = hf(x, output_attentions=True), enc(x, output_attentions=True)
+    assert len(got.attentions) == len(want.attentions) == (N_LAYERS if attn == "eager" else 0)
+    for a, b in zip(got.attentions, want.attentions):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert enc(x).attentions is None
+    if attn == "eager":
+        enc.gradient_checkpointing_enable()
+        enc.train()
+        mask = torch.ones(2, 40, dtype=torch.long)
+        mask[1, 30:] = 0
+        out = enc(x[..., :40], attention_mask=mask, output_attentions=True)
+        out.last_hidden_state.sum().backward()
+        assert len(out.attentions) == N_LAYERS and out.attentions[0].shape == (2, HEADS, 20, 20)
+        assert torch.all(out.attentions[-1][1, :, :, 15:] == 0) and enc.router_weight.grad is not None
 
 
 def test_steering_matches_float64_reference(tiny_path):
@@ -169,6 +218,7 @@ def test_padded_batch_equals_each_sample_alone(tiny_path, attn):
     lengths = [45, 30, 9]
     x = torch.randn(3, N_MELS, 45)
     mask = (torch.arange(45)[None] < torch.tensor(lengths)[:, None]).long()
+    x[1, :, 30:], x[2, :, 9:] = float("nan"), float("-inf")  # padding's content must not matter
     with torch.no_grad():
         out = enc(x, attention_mask=mask, return_gating=True)
     out_lengths = enc.output_lengths(torch.tensor(lengths))
@@ -251,7 +301,7 @@ def test_mismatched_load_names_both_shapes(tiny_path, tmp_path_factory):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "float16"])
 def test_half_precision_encoder(tiny_path, dtype):
     half = _randomise_steering(SteeredWhisperEncoder.from_pretrained(
-        tiny_path, num_experts=3, torch_dtype=dtype), seed=8, vector_std=0.5)
+        tiny_path, num_experts=3, dtype=dtype), seed=8, vector_std=0.5)
     full = SteeredWhisperEncoder.from_pretrained(tiny_path, num_experts=3)
     full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
     expected_dtype = torch.bfloat16 if dtype is torch.bfloat16 else torch.float16
@@ -326,11 +376,18 @@ def test_argument_errors(tiny_path):
         enc(torch.randn(1, N_MELS, 10), attention_mask=torch.ones(1, 9))
     with pytest.raises(ValueError, match="right padding"):
         enc(torch.randn(1, N_MELS, 10), attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1, 1]]))
-    with pytest.raises(ValueError, match="output_attentions"):
-        enc(torch.randn(1, N_MELS, 10), output_attentions=True)
+    with pytest.raises(ValueError, match=r"layers .*\[0, 1\.7\]"):
+        SteeredWhisperEncoder(enc.encoder, layers=(i for i in (0, 1.7)))
+    with pytest.raises(ValueError, match="num_experts"):
+        SteeredWhisperEncoder(enc.encoder, num_experts=2.0)
+    assert SteeredWhisperEncoder(enc.encoder, num_experts=np.int64(3), layers=[np.int64(1)]).num_experts == 3
+    with pytest.raises(ValueError, match="at least one sample"):
+        enc(torch.randn(0, N_MELS, 10))
+    with pytest.raises(TypeError, match="not both"):
+        SteeredWhisperEncoder.from_pretrained(tiny_path, dtype=torch.float16, torch_dtype=torch.float16)
     with pytest.raises(ValueError, match="attn_implementation"):
         SteeredWhisperEncoder.from_pretrained(tiny_path, attn_implementation="flash_attention_2")
     with pytest.raises(TypeError, match="device_map"):
         SteeredWhisperEncoder.from_pretrained(tiny_path, device_map="auto")
-    with pytest.raises(ValueError, match="torch_dtype"):
+    with pytest.raises(ValueError, match="dtype"):
         SteeredWhisperEncoder.from_pretrained(tiny_path, torch_dtype=torch.int8)

@@ -161,6 +161,21 @@ def test_loss_matches_full_logits_reference_and_is_batch_independent(model, spee
     torch.testing.assert_close(out.loss_sum, torch.stack(singles).sum(), rtol=1e-5, atol=1e-4)
 
 
+def test_a_batch_filling_whisper_window_still_masks_the_shorter_clips(model, speech):
+    """With a 30 s clip in the batch the input is the full window, where the encoder alone would ignore padding."""
+    wave, lengths, texts = speech
+    full = wave[0, : lengths[0]].repeat(30 * 16000 // int(lengths[0]) + 1)[: 30 * 16000]
+    batch = torch.zeros(2, full.numel())
+    batch[0], batch[1, : lengths[1]] = full, wave[1, : lengths[1]]
+    both = torch.tensor([full.numel(), int(lengths[1])])
+    features, mel_mask = model.features(batch, both)
+    assert features.shape[-1] == model.encoder.max_mel_frames
+    out = model(features, mel_mask, texts=texts[:2])
+    singles = [model(*model.features(batch[i: i + 1, : both[i]], both[i: i + 1]), texts=texts[i: i + 1]).loss_sum
+               for i in range(2)]
+    torch.testing.assert_close(out.loss_sum, torch.stack(singles).sum(), rtol=1e-5, atol=1e-4)
+
+
 def test_gradients_reach_only_the_trainable_tensors(model, speech):
     wave, lengths, texts = speech
     model.zero_grad(set_to_none=True)
