@@ -11,16 +11,22 @@ import torch
 from torch import Tensor, nn
 
 SAMPLE_RATE = 16000
+MIN_SAMPLES = 400     # one 25 ms analysis window at 16 kHz: the shortest audio accepted
 
 
 def decode_audio(data: bytes) -> Tuple[np.ndarray, int]:
     """Decode wav/flac/ogg/mp3 ``data`` (whatever libsndfile reads) → (float32 (S,) mono samples, sample rate in Hz).
 
-    Channels are averaged; raises (soundfile's error) when the bytes are not audio it can read.
+    Channels are averaged; integer PCM is scaled to [-1, 1). Raises ``ValueError`` when the bytes are not audio
+    libsndfile can read.
     """
     import soundfile as sf
 
-    audio, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    try:
+        audio, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (RuntimeError, TypeError, ValueError) as err:   # libsndfile's LibsndfileError is a RuntimeError
+        reason = getattr(err, "error_string", None) or f"{type(err).__name__}: {err}"
+        raise ValueError(f"not audio libsndfile can read: {reason}") from None
     return audio.mean(axis=1, dtype=np.float32), int(sample_rate)
 
 
@@ -41,10 +47,23 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
 
 
 def load_audio_file(path: str) -> np.ndarray:
-    """The audio file at ``path`` as float32 (S,) mono samples at 16 kHz."""
-    with open(path, "rb") as f:
-        audio, sample_rate = decode_audio(f.read())
-    return resample(audio, sample_rate)
+    """The audio file at ``path`` as float32 (S,) mono samples at 16 kHz, S >= ``MIN_SAMPLES``.
+
+    Raises ``ValueError`` starting with ``path`` when the file cannot be read or decoded, is shorter than one
+    25 ms analysis window, or holds NaN/inf samples.
+    """
+    try:
+        with open(path, "rb") as f:
+            audio, sample_rate = decode_audio(f.read())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: {(err.strerror or err) if isinstance(err, OSError) else err}") from None
+    if not np.isfinite(audio).all():
+        raise ValueError(f"{path}: {int((~np.isfinite(audio)).sum())} NaN/inf samples")
+    audio = resample(audio, sample_rate)
+    if len(audio) < MIN_SAMPLES:
+        raise ValueError(f"{path}: too short: {len(audio)} samples at {SAMPLE_RATE} Hz; need at least {MIN_SAMPLES} "
+                         "(one 25 ms analysis window)")
+    return audio
 
 
 class LogMel(nn.Module):

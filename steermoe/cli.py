@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from typing import List, Optional
 
 from .checkpoint import CheckpointError
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="parquet files, directories or globs")
     p.add_argument("--output", help="per-utterance JSONL (id, reference, hypothesis); the summary goes next to it "
                                     "as <output>.summary.json")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=_positive_int, default=8)
     p.add_argument("--audio_column", default="audio")
     p.add_argument("--text_column", default="text")
     p.add_argument("--prompt_column")
@@ -50,12 +51,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the option in its error)."""
+    try:
+        if int(text) >= 1:
+            return int(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected an int >= 1; got {text!r}")
+
+
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run's output_dir (its newest)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="frozen-weight dtype (default: the checkpoint's; float32 on CPU)")
-    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--max_new_tokens", type=_positive_int, default=128)
     p.add_argument("--whisper", help="Whisper checkpoint to use instead of the one the checkpoint names")
     p.add_argument("--llm", help="LLM checkpoint to use instead of the one the checkpoint names")
 
@@ -88,6 +99,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _check_output(path: str) -> str:
+    """Raise unless ``path`` and its summary ``<path>.summary.json`` can be written; returns the summary's path."""
+    summary = f"{os.path.splitext(path)[0]}.summary.json"
+    for target in (path, summary):
+        if os.path.isdir(target):
+            raise IsADirectoryError(f"--output {path}: {target} is a directory; expected a file path")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):     # creating a file there is the only reliable writability test
+        pass
+    return summary
+
+
 def cmd_eval(args) -> int:
     from .config import DataConfig
     from .evaluate import eval_batches, evaluate, text_normalizer, write_summary
@@ -96,6 +120,7 @@ def cmd_eval(args) -> int:
     data = DataConfig(audio_column=args.audio_column, text_column=args.text_column,
                       prompt_column=args.prompt_column, id_column=args.id_column)
     source = open_source(data, list(args.data), for_eval=True)    # bad data paths fail before the model loads
+    summary_path = _check_output(args.output) if args.output else None
     model, path = _load_model(args)
     summary = evaluate(model, eval_batches(source, args.batch_size), normalize=text_normalizer(model.config["whisper"]),
                        max_new_tokens=args.max_new_tokens, records_path=args.output)
@@ -108,15 +133,17 @@ def cmd_eval(args) -> int:
             print(f"  layer {layer['layer']:>2}: usage entropy {layer['usage_entropy']:.3f}  "
                   f"frame entropy {layer['entropy']:.3f}  top experts {layer['top_experts']}")
     if args.output:
-        summary_path = f"{os.path.splitext(args.output)[0]}.summary.json"
         write_summary(summary, summary_path)
         print(f"per-utterance results: {args.output}; summary with gating statistics: {summary_path}")
     return 0
 
 
 def cmd_transcribe(args) -> int:
+    from .audio import load_audio_file
     from .evaluate import transcribe_files
 
+    for path in args.audio:     # a file that cannot be transcribed fails before the model loads
+        load_audio_file(path)
     model, _ = _load_model(args)
     for path, text in zip(args.audio, transcribe_files(model, args.audio, max_new_tokens=args.max_new_tokens)):
         print(f"{path}\t{text}")
@@ -140,8 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, NotADirectoryError, PermissionError,
-            ValueError) as err:
+    except (ConfigError, CheckpointError, TrainingError, OSError, ValueError) as err:
         if os.environ.get("STEERMOE_DEBUG"):
             raise
         message = " ".join(str(err).split()) or type(err).__name__

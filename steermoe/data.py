@@ -3,8 +3,9 @@
 ``ParquetSpeechSource`` streams parquet files one row group at a time with pyarrow. Bad rows are skipped and
 counted by reason in ``source.skipped`` (a ``collections.Counter``), never silently dropped:
 
-    missing_audio       null audio (or ``{bytes: null}`` whose ``path`` is not a readable file)
-    undecodable_audio   bytes libsndfile cannot decode, or raw samples without a sampling rate
+    missing_audio       null audio, a null sample array, or ``{bytes: null}`` whose ``path`` is not a readable file
+    undecodable_audio   bytes libsndfile cannot decode, raw samples whose sampling rate is not a finite integer > 0,
+                        channels of unequal length, or any other error while decoding the row
     empty_audio         zero samples
     non_finite_audio    NaN or ±inf samples
     missing_text        null, non-string or blank transcript
@@ -28,11 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .audio import SAMPLE_RATE, decode_audio, resample
+from .audio import MIN_SAMPLES, SAMPLE_RATE, decode_audio, resample
 
 logger = logging.getLogger(__name__)
 
-MIN_SAMPLES = 400
 _READ_CHUNK_ROWS = 64
 
 
@@ -74,17 +74,22 @@ def collate(examples: Sequence[SpeechExample]) -> SpeechBatch:
         raise ValueError("collate needs at least one example")
     lengths = torch.tensor([len(e.audio) for e in examples], dtype=torch.long)
     waveforms = torch.zeros(len(examples), int(lengths.max()), dtype=torch.float32)
-    for row, example in zip(waveforms, examples):
-        row[: len(example.audio)] = torch.from_numpy(np.asarray(example.audio, dtype=np.float32))
+    rows = waveforms.numpy()    # a view: numpy copies each (possibly read-only, zero-copy arrow) array in once
+    for row, example in zip(rows, examples):
+        row[: len(example.audio)] = example.audio
     return SpeechBatch([e.id for e in examples], waveforms, lengths, [e.text for e in examples],
                        [e.prompt for e in examples])
 
 
 def resolve_parquet_files(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> List[str]:
-    """Files named by ``paths`` (files, directories searched recursively for ``*.parquet``, or globs), in order."""
+    """Files named by ``paths`` (files, directories searched recursively for ``*.parquet``, or globs), in order.
+
+    A file named more than once (also through another spelling or a symlink) is kept once, as first named.
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: List[str] = []
+    seen = set()
     for path in map(os.fspath, paths):
         if os.path.isdir(path):
             found = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
@@ -98,7 +103,10 @@ def resolve_parquet_files(paths: Union[str, os.PathLike, Sequence[Union[str, os.
             found = [path]
         else:
             raise FileNotFoundError(f"data path not found: {path}")
-        files.extend(f for f in found if f not in files)
+        for file in found:
+            if os.path.realpath(file) not in seen:
+                seen.add(os.path.realpath(file))
+                files.append(file)
     if not files:
         raise ValueError("paths must name at least one parquet file, directory or glob")
     return files
@@ -113,19 +121,22 @@ class ParquetSpeechSource:
 
     Audio columns accepted: the ``datasets`` ``Audio`` struct ``{bytes, path}`` (bytes in any format libsndfile
     reads; a null ``bytes`` falls back to ``path``, absolute or relative to the parquet file), a ``{array,
-    sampling_rate}`` struct, a binary column of encoded bytes, or a float list column with the rate in
-    ``sampling_rate_column``. Audio is mixed to mono and resampled to 16 kHz.
+    sampling_rate}`` struct, a binary column of encoded bytes, or a list column of samples with the rate in
+    ``sampling_rate_column``. Raw samples are numbers (S,), or number lists (C, S) or (S, C) whose shorter axis is
+    taken as the channels; integer PCM is scaled to [-1, 1) as in decoded WAV files. Audio is mixed to mono and
+    resampled to 16 kHz.
 
     Args:
         paths: parquet files, directories or globs (see :func:`resolve_parquet_files`).
-        audio_column, text_column: required columns; ``prompt_column``, ``id_column``: optional ones
-            (ids default to ``<file name>:<row>``; an empty prompt means the model's default instruction).
+        audio_column, text_column: required columns; ``prompt_column``, ``id_column``: optional ones (ids default
+            to ``<file>:<row>``, the file's path relative to the directory holding all the files; an empty prompt
+            means the model's default instruction).
         min_seconds, max_seconds, max_text_tokens: filters (``max_text_tokens`` needs ``tokenizer``).
         sampling_rate_column: the rate column used with a float list audio column.
 
-    Every file is opened at construction: one that is not parquet, or lacks a column, raises ``ValueError``
-    naming the file (and listing its columns). ``skipped`` counts the skipped rows by reason; ``rows_read``
-    counts the rows looked at.
+    Every file is opened at construction: one that is not parquet, lacks a column, or whose audio column has a
+    layout not listed above raises ``ValueError`` naming the file (and listing its columns). ``skipped`` counts the
+    skipped rows by reason; ``rows_read`` counts the rows looked at.
     """
 
     def __init__(self, paths, audio_column: str = "audio", text_column: str = "text",
@@ -141,6 +152,7 @@ class ParquetSpeechSource:
         self.min_seconds, self.max_seconds = min_seconds, max_seconds
         self.max_text_tokens, self.tokenizer = max_text_tokens, tokenizer
         self.files = resolve_parquet_files(paths)
+        self._names = _relative_names(self.files)
         self.skipped: Counter = Counter()
         self.rows_read = 0
         # (file index, row group, rows, first row's index in its file), and the audio layout per file
@@ -171,29 +183,40 @@ class ParquetSpeechSource:
     def log_skipped(self) -> None:
         """One log line with the skip counts so far (a warning when any row was skipped)."""
         total = sum(self.skipped.values())
-        reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(self.skipped.items()))
         if total:
-            logger.warning("skipped %d of %d rows read: %s", total, self.rows_read, reasons)
+            logger.warning("skipped %d of %d rows read: %s", total, self.rows_read, self._skip_counts())
         else:
             logger.info("read %d rows, none skipped", self.rows_read)
 
-    # ------------------------------------------------------------------------------------------ reading
-    def read(self, unit: int, start: int = 0, stop: Optional[int] = None,
-             count: bool = True) -> Iterator[Optional[SpeechExample]]:
-        """One item per row ``start`` .. ``stop`` of row group ``units[unit]``: an example, or None when skipped.
+    def no_usable_rows(self) -> ValueError:
+        """The error for data without a usable row: names the files and the skip counts."""
+        return ValueError(f"no usable row in {', '.join(self.files)} ({self.num_rows} rows; skipped: "
+                          f"{self._skip_counts()})")
 
+    def _skip_counts(self) -> str:
+        return ", ".join(f"{reason}={count}" for reason, count in sorted(self.skipped.items())) or "none"
+
+    # ------------------------------------------------------------------------------------------ reading
+    def read(self, unit: int, rows: Optional[np.ndarray] = None,
+             count: bool = True) -> Iterator[Optional[SpeechExample]]:
+        """One item per row of row group ``units[unit]``: an example, or None when skipped.
+
+        ``rows``: the rows to read (indices within the group, in the order wanted); default all, in order.
         ``count=False`` reads without adding to ``skipped`` / ``rows_read`` (for rows read a second time).
         """
-        file_index, group, rows, offset = self.units[unit]
-        stop = rows if stop is None else stop
+        file_index, group, size, offset = self.units[unit]
         file = self.files[file_index]
         columns = [self.audio_column, self.text_column]
         columns += [c for c in (self.prompt_column, self.id_column) if c is not None]
         kind = self._audio_kind[file_index]
         if kind == "samples":
             columns.append(self.sampling_rate_column)
-        table = self._row_group(unit, columns).slice(start, stop - start)
-        row = offset + start
+        table = self._row_group(unit, columns)
+        if rows is None:
+            rows = np.arange(size)
+        else:
+            table = table.take(rows)
+        position = 0
         for chunk in table.to_batches(max_chunksize=_READ_CHUNK_ROWS):
             texts = chunk.column(self.text_column).to_pylist()
             prompts = chunk.column(self.prompt_column).to_pylist() if self.prompt_column else [None] * len(texts)
@@ -201,7 +224,8 @@ class ParquetSpeechSource:
             audio = chunk.column(self.audio_column)
             rates = chunk.column(self.sampling_rate_column).to_pylist() if kind == "samples" else None
             for i, text in enumerate(texts):
-                example_id = str(ids[i]) if ids[i] is not None else f"{os.path.basename(file)}:{row}"
+                row = offset + int(rows[position])
+                example_id = str(ids[i]) if ids[i] is not None else f"{self._names[file_index]}:{row}"
                 try:
                     text = self._check_text(text)
                     samples = self._check_audio(self._decode(kind, audio, i, rates, file))
@@ -212,7 +236,7 @@ class ParquetSpeechSource:
                         self._count_skip(skip.args[0], skip.args[1], example_id, file, row)
                     example = None
                 self.rows_read += count
-                row += 1
+                position += 1
                 yield example
 
     def _count_skip(self, reason: str, detail: str, example_id: str, file: str, row: int) -> None:
@@ -232,18 +256,25 @@ class ParquetSpeechSource:
         return text
 
     def _decode(self, kind: str, column, i: int, rates, file: str) -> Tuple[np.ndarray, int]:
-        """(samples, rate) of row ``i`` of the audio ``column`` (a pyarrow array)."""
+        """(samples, rate) of row ``i`` of the audio ``column`` (a pyarrow array); any failure is a counted skip."""
+        try:
+            return self._decode_row(kind, column, i, rates, file)
+        except _Skip:
+            raise
+        except Exception as err:  # noqa: BLE001 - a row that fails to decode, however it fails, is skipped
+            raise _Skip("undecodable_audio", f"{type(err).__name__}: {err}") from None
+
+    @staticmethod
+    def _decode_row(kind: str, column, i: int, rates, file: str) -> Tuple[np.ndarray, int]:
         if not column[i].is_valid:
             raise _Skip("missing_audio", "audio is null")
-        if kind == "samples":
-            if not rates[i]:
-                raise _Skip("undecodable_audio", f"sampling rate is {rates[i]!r}")
-            return _to_mono(column[i].values.to_numpy(zero_copy_only=False)), int(rates[i])
-        if kind == "array":
-            rate = column.field("sampling_rate")[i].as_py()
-            if not rate:
-                raise _Skip("undecodable_audio", f"sampling rate is {rate!r}")
-            return _to_mono(column.field("array")[i].values.to_numpy(zero_copy_only=False)), int(rate)
+        if kind in ("samples", "array"):
+            samples, rate = ((column[i], rates[i]) if kind == "samples" else
+                             (column.field("array")[i], column.field("sampling_rate")[i].as_py()))
+            if not samples.is_valid:
+                raise _Skip("missing_audio", "the sample array is null")
+            rate = _sampling_rate(rate)
+            return _to_mono(samples.values), rate
         if kind == "struct":
             data, path = column.field("bytes")[i].as_py(), None
             if data is None:
@@ -253,10 +284,7 @@ class ParquetSpeechSource:
                     raise _Skip("missing_audio", f"no bytes, and path {path!r} is not a readable file")
         else:
             data = column[i].as_py()
-        try:
-            return decode_audio(data)
-        except Exception as err:  # noqa: BLE001 - libsndfile raises several types for bad bytes
-            raise _Skip("undecodable_audio", f"{type(err).__name__}: {err}") from None
+        return decode_audio(data)
 
     def _check_audio(self, decoded: Tuple[np.ndarray, int]) -> np.ndarray:
         samples, rate = decoded
@@ -300,32 +328,87 @@ class ParquetSpeechSource:
         needed = [self.audio_column, self.text_column] + [c for c in (self.prompt_column, self.id_column) if c]
         missing = [c for c in needed if c not in names]
         audio_type = schema.field(self.audio_column).type if self.audio_column in names else None
-        kind = None
+        kind = samples_type = None
         if audio_type is not None:
             if pa.types.is_struct(audio_type) and audio_type.get_field_index("bytes") >= 0:
                 kind = "struct"
             elif pa.types.is_struct(audio_type) and audio_type.get_field_index("array") >= 0:
-                kind = "array"
+                kind, samples_type = "array", audio_type.field("array").type
+                if audio_type.get_field_index("sampling_rate") < 0:
+                    raise ValueError(f"{file}: audio column {self.audio_column!r} is a struct without a "
+                                     "'sampling_rate' field; expected {array, sampling_rate}")
             elif pa.types.is_binary(audio_type) or pa.types.is_large_binary(audio_type):
                 kind = "binary"
-            elif pa.types.is_list(audio_type) or pa.types.is_large_list(audio_type):
-                kind = "samples"
+            elif _is_list(audio_type):
+                kind, samples_type = "samples", audio_type
                 if self.sampling_rate_column not in names:
                     missing.append(self.sampling_rate_column)
             else:
                 raise ValueError(f"{file}: audio column {self.audio_column!r} has type {audio_type}; expected a "
-                                 "struct {bytes, path} (datasets Audio), {array, sampling_rate}, binary, or a float "
-                                 "list with a sampling-rate column")
+                                 "struct {bytes, path} (datasets Audio), {array, sampling_rate}, binary, or a list "
+                                 "of samples with a sampling-rate column")
+            if samples_type is not None and not _is_samples(samples_type):
+                raise ValueError(f"{file}: audio column {self.audio_column!r} holds {samples_type}; expected a list "
+                                 "of numbers (samples) or of number lists (channels)")
         if missing:
             raise ValueError(f"{file} has no column {', '.join(map(repr, missing))}; its columns are: "
                              f"{', '.join(names)}")
         return kind
 
 
-def _to_mono(samples: np.ndarray) -> np.ndarray:
-    """Raw samples (S,) or (S, C) as float32 (S,)."""
-    samples = np.asarray(samples, dtype=np.float32)
-    return samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples.reshape(-1)
+def _relative_names(files: Sequence[str]) -> List[str]:
+    """Each file's path relative to the deepest directory holding them all (unique names for default row ids)."""
+    paths = [os.path.abspath(f) for f in files]
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    return [os.path.relpath(p, root) for p in paths]
+
+
+def _is_list(arrow_type) -> bool:
+    import pyarrow as pa
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+
+
+def _is_samples(arrow_type) -> bool:
+    """Whether ``arrow_type`` is a list of numbers, or a list of lists of numbers."""
+    import pyarrow as pa
+
+    inner = arrow_type.value_type
+    inner = inner.value_type if _is_list(inner) else inner
+    return pa.types.is_integer(inner) or pa.types.is_floating(inner)
+
+
+def _sampling_rate(value) -> int:
+    """``value`` as a sampling rate in Hz; a counted skip unless it is a finite integer > 0."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf and value % 1 == 0:
+        return int(value)
+    raise _Skip("undecodable_audio", f"sampling rate is {value!r}; expected a finite integer > 0")
+
+
+def _to_mono(values) -> np.ndarray:
+    """One row's raw samples (a pyarrow array of numbers (S,), or of number lists (C, S) or (S, C)) → float32 (S,).
+
+    Channels (the shorter axis) are averaged; unequal or null channels are a counted skip.
+    """
+    if not _is_list(values.type):
+        return _pcm_to_float(values)
+    if values.null_count or len(set(values.value_lengths().to_pylist())) > 1:
+        raise _Skip("undecodable_audio", "channels of unequal length, or a null channel")
+    flat = _pcm_to_float(values.flatten())
+    if flat.size == 0:
+        return flat
+    frames = flat.reshape(len(values), -1)
+    return frames.mean(axis=0 if frames.shape[0] <= frames.shape[1] else 1, dtype=np.float32)
+
+
+def _pcm_to_float(values) -> np.ndarray:
+    """A pyarrow array of numbers as float32; integer PCM scaled to [-1, 1) like decoded WAV (null samples → NaN)."""
+    import pyarrow as pa
+
+    samples = values.to_numpy(zero_copy_only=False)
+    if pa.types.is_integer(values.type):
+        half = 2.0 ** (values.type.bit_width - 1)
+        samples = (samples - (half if pa.types.is_unsigned_integer(values.type) else 0.0)) / half
+    return samples.astype(np.float32, copy=False)
 
 
 def _read_referenced(path: Optional[str], parquet_file: str) -> Optional[bytes]:
@@ -342,14 +425,17 @@ def _read_referenced(path: Optional[str], parquet_file: str) -> Optional[bytes]:
 class SpeechBatches:
     """Length-grouped, seeded, shardable, resumable batches of a :class:`ParquetSpeechSource`.
 
-    Per epoch the row groups are put in a seeded order (file order with ``shuffle=False``) and the rows, in that
-    order, are split into ``world_size`` contiguous shares (sizes differ by at most one); each rank reads only its
-    share. A rank reads its rows ``bucket_size`` at a time, sorts each bucket by duration (ties in seeded order) and
-    cuts it into batches of near-equal size, served in seeded order (by increasing length with
-    ``shuffle=False``). The number of batches per epoch, ``len(self)``, is computed from the row counts alone, so it
-    is the same on every rank (DDP never waits on a rank that ran out) and does not depend on skipped rows: a
-    bucket with skipped rows gives slightly smaller batches. Only a bucket with fewer usable rows than batches
-    repeats some of them (counted in ``duplicated`` and logged).
+    Per epoch the row groups are put in a seeded order and the rows of each row group in a seeded order of their
+    own (both in file order with ``shuffle=False``); the rows, in that order, are split into ``world_size``
+    contiguous shares (sizes differ by at most one), so buckets, batches and each rank's share change every epoch,
+    even for a file with a single row group. Rows are shuffled only within their row group so that memory holds
+    one row group and a rank reads each row group at most once per epoch (a bucket without usable rows aside).
+    A rank reads its rows ``bucket_size`` at a time, sorts each bucket by duration (ties in seeded order) and cuts
+    it into batches of near-equal size, served in seeded order (by increasing length with ``shuffle=False``). The
+    number of batches per epoch, ``len(self)``, is computed from the row counts alone, so it is the same on every
+    rank (DDP never waits on a rank that ran out) and does not depend on skipped rows: a bucket with skipped rows
+    gives slightly smaller batches. A bucket with fewer usable rows than batches repeats some of them, and one
+    without any borrows the next usable row of the epoch's order (both counted in ``duplicated`` and logged).
 
     Resuming: ``state_dict()`` is ``{"epoch", "batches_done"}`` (batches handed out so far in the epoch), the same on
     every rank; after ``load_state_dict`` the next iteration continues with the next batch, reading no bucket
@@ -360,7 +446,7 @@ class SpeechBatches:
         batch_size: examples per batch (at most; fewer where rows were skipped, or in the last batch).
         bucket_size: rows sorted together (default 64 batches); rounded down to a multiple of ``batch_size``.
             Memory: one bucket of decoded float32 audio, e.g. 1024 × 15 s ≈ 1 GB.
-        shuffle, seed: seeded order of row groups, rows within a bucket, and batches within a bucket.
+        shuffle, seed: seeded order of row groups, rows within a row group, and batches within a bucket.
         rank, world_size: this process's share.
         drop_last: drop each epoch's last, incomplete batch.
     """
@@ -406,7 +492,7 @@ class SpeechBatches:
         if self.batches_done >= len(self):
             self.set_epoch(self.epoch + 1)
         epoch = self.epoch
-        order, starts = self._row_group_order(epoch)
+        plan = self._plan(epoch)
         n = self.source.num_rows
         first = self.rank * n // self.world_size
         last = (self.rank + 1) * n // self.world_size
@@ -418,11 +504,10 @@ class SpeechBatches:
                 continue
             lo = min(first + k * self.bucket_size, last)
             hi = min(lo + self.bucket_size, last)
-            examples = [e for e in self._read(order, starts, lo, hi) if e is not None]
-            rng = np.random.default_rng([self.seed, epoch, self.rank, k])
+            examples = [e for e in self._read(plan, lo, hi) if e is not None]
             if not examples:
-                examples = [self._first_usable(order, starts, hi)]
-            batches = self._group(examples, n_batches, rng)
+                examples = [self._borrow(plan, hi)]
+            batches = self._group(examples, n_batches, self._rng(epoch, 3, self.rank, k))
             for j in range(self.batches_done - done, n_batches):
                 self.batches_done = done + j + 1
                 yield collate(batches[j])
@@ -448,31 +533,44 @@ class SpeechBatches:
         serve = rng.permutation(n_batches) if self.shuffle else range(n_batches)
         return [[examples[i] for i in chunks[j]] for j in serve]
 
-    def _row_group_order(self, epoch: int) -> Tuple[np.ndarray, List[int]]:
-        """The epoch's row-group order and each one's first row in the concatenated order."""
+    def _rng(self, epoch: int, purpose: int, *key: int) -> np.random.Generator:
+        """The generator for one ``purpose`` (1: row-group order, 2: rows of a row group, 3: a bucket) and ``key``.
+
+        ``purpose`` is non-zero and comes before ``key``: numpy seeds ``[a, b]`` and ``[a, b, 0]`` alike.
+        """
+        return np.random.default_rng([self.seed, epoch, purpose, *key])
+
+    def _plan(self, epoch: int) -> Tuple[int, np.ndarray, List[int]]:
+        """(epoch, the epoch's row-group order, each group's first row in the concatenated order)."""
         units = len(self.source.units)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(units) if self.shuffle
-                 else np.arange(units))
+        order = self._rng(epoch, 1).permutation(units) if self.shuffle else np.arange(units)
         starts = [0]
         for unit in order:
             starts.append(starts[-1] + self.source.units[unit][2])
-        return order, starts
+        return epoch, order, starts
 
-    def _read(self, order, starts, lo: int, hi: int, count: bool = True) -> Iterator[Optional[SpeechExample]]:
-        """Rows ``lo`` .. ``hi`` of the epoch's concatenated order (None for skipped rows)."""
+    def _read(self, plan, lo: int, hi: int, count: bool = True) -> Iterator[Optional[SpeechExample]]:
+        """Rows ``lo`` .. ``hi`` of the ``plan``'s epoch order (None for skipped rows)."""
+        epoch, order, starts = plan
         position = bisect.bisect_right(starts, lo) - 1
         while lo < hi:
             end = min(hi, starts[position + 1])
-            yield from self.source.read(int(order[position]), lo - starts[position], end - starts[position],
-                                        count=count)
+            unit = int(order[position])
+            size = self.source.units[unit][2]
+            rows = self._rng(epoch, 2, unit).permutation(size) if self.shuffle else np.arange(size)
+            yield from self.source.read(unit, rows[lo - starts[position]:end - starts[position]], count=count)
             lo, position = end, position + 1
 
-    def _first_usable(self, order, starts, start: int) -> SpeechExample:
-        """The first usable row from ``start`` on, wrapping around (for a bucket without usable rows)."""
-        n = self.source.num_rows
-        for lo, hi in ((start, n), (0, start)):
-            for example in self._read(order, starts, lo, hi, count=False):
+    def _borrow(self, plan, start: int) -> SpeechExample:
+        """The first usable row from ``start`` on, wrapping around, for a bucket without usable rows.
+
+        The row is then served twice this epoch: counted in ``duplicated`` and logged.
+        """
+        for lo, hi in ((start, self.source.num_rows), (0, start)):
+            for example in self._read(plan, lo, hi, count=False):
                 if example is not None:
+                    self.duplicated += 1
+                    logger.warning("a bucket of rank %d has no usable row; repeating %s from elsewhere", self.rank,
+                                   example.id)
                     return example
-        raise ValueError(f"no usable row in {', '.join(self.source.files)} "
-                         f"(skipped: {dict(self.source.skipped)})")
+        raise self.source.no_usable_rows()

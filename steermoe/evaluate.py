@@ -69,22 +69,28 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> Dict[st
     return out
 
 
-def eval_batches(source: Iterable, batch_size: int, *, limit: Optional[int] = None,
-                 bucket_size: int = 512) -> Iterator:
-    """Every example of ``source`` exactly once (the first ``limit`` in file order), batched by similar length.
+def eval_batches(source, batch_size: int, *, limit: Optional[int] = None, bucket_size: int = 512) -> Iterator:
+    """Every example of ``source`` (a ``ParquetSpeechSource``) once, the first ``limit`` in file order, in batches.
 
-    ``bucket_size`` consecutive examples are sorted by duration and cut into batches, so padding stays small
-    while memory holds one bucket of audio.
+    ``bucket_size`` consecutive examples are sorted by duration and cut into batches of at most ``batch_size``, so
+    padding stays small while memory holds one bucket of audio. Raises ``ValueError`` (naming the files and the
+    skip counts) when ``source`` has no usable row, rather than yield nothing.
     """
     from .data import collate
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
     examples = iter(source) if limit is None else itertools.islice(source, limit)
+    served = 0
     while True:
         bucket = sorted(itertools.islice(examples, bucket_size), key=lambda e: len(e.audio))
         if not bucket:
-            return
+            break
+        served += len(bucket)
         for start in range(0, len(bucket), batch_size):
             yield collate(bucket[start:start + batch_size])
+    if not served and limit != 0:
+        raise source.no_usable_rows()
 
 
 @torch.no_grad()
@@ -128,7 +134,10 @@ def evaluate(model, batches: Iterable, *, normalize: Callable[[str], str], max_n
 
 @torch.no_grad()
 def transcribe_files(model, paths: Sequence[str], *, max_new_tokens: int = 128, batch_size: int = 8) -> List[str]:
-    """Greedy transcripts of audio files (any format soundfile reads), in order."""
+    """Greedy transcripts of audio files (any format soundfile reads), in order.
+
+    Raises ``ValueError`` naming the file when one cannot be read, decoded or used (see ``load_audio_file``).
+    """
     from .audio import load_audio_file
     from .data import SpeechExample, collate
     from .train import autocast_for

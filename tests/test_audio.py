@@ -1,6 +1,7 @@
 """Audio decoding, resampling and the on-device log-mel against independent references."""
 import io
 import os
+import re
 
 import numpy as np
 import pytest
@@ -53,8 +54,27 @@ def test_decode_formats_mixes_channels_to_mono(fmt, subtype, tol):
 
 
 def test_decode_rejects_bytes_that_are_not_audio():
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="not audio libsndfile can read: Format not recognised"):
         decode_audio(b"definitely not audio" * 10)
+
+
+def test_load_audio_file_errors_name_the_file(tmp_path):
+    nan = np.full(1600, 0.1, np.float32)
+    nan[7] = np.nan
+    files = {"garbage.wav": b"definitely not audio" * 10, "nan.wav": _encode(nan, 16000, "WAV", "FLOAT"),
+             "short.wav": _encode(np.zeros(399, np.float32), 16000, "WAV"),
+             "short_44k.wav": _encode(np.zeros(1000, np.float32), 44100, "WAV"),     # 363 samples at 16 kHz
+             "ok.wav": _encode(np.zeros(400, np.float32), 16000, "WAV")}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    expected = {"garbage.wav": "not audio libsndfile can read", "nan.wav": "1 NaN/inf samples",
+                "short.wav": "too short: 399 samples", "short_44k.wav": "too short: 363 samples",
+                "missing.wav": "No such file or directory", "": "Is a directory"}
+    for name, message in expected.items():
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError, match=f"^{re.escape(path)}: {message}"):
+            load_audio_file(path)
+    assert len(load_audio_file(str(tmp_path / "ok.wav"))) == 400
 
 
 def test_load_audio_file_resamples_to_16k(tmp_path):

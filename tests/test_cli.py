@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
+from test_evaluate import unusable_parquet
 from test_train import tiny_assets, tiny_config, tiny_run
 
 from steermoe.checkpoint import list_checkpoints
@@ -38,6 +39,23 @@ def fails(capsys, argv, code, *needles):
         assert needle in err[0], err[0]
 
 
+def wav_file(path, samples=1600) -> str:
+    """A silent 16 kHz wav file of ``samples`` samples."""
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(str(path), np.zeros(samples, np.float32), 16000)
+    return str(path)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the command loads a model (its checks must come first)."""
+    import steermoe.cli
+
+    monkeypatch.setattr(steermoe.cli, "_load_model", lambda args: pytest.fail("the model was loaded"))
+
+
 @pytest.fixture
 def run_copy(tmp_path):
     """A copy of a finished run (config.yaml + checkpoints) that a test may try to damage."""
@@ -58,6 +76,42 @@ def test_help_and_usage_errors(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--data", "x.parquet"])           # --checkpoint missing: argparse's own usage error
     assert exc.value.code == 2
+
+
+def test_non_positive_batch_size_or_token_limit_is_a_usage_error_naming_the_option(capsys):
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", "--checkpoint", "x", "--data", "x.parquet", "--batch_size", bad])
+        assert exc.value.code == 2
+        assert f"argument --batch_size: expected an int >= 1; got '{bad}'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["transcribe", "--checkpoint", "x", "--max_new_tokens", "0", "a.wav"])
+    assert exc.value.code == 2 and "argument --max_new_tokens: expected an int >= 1" in capsys.readouterr().err
+
+
+def test_eval_output_is_checked_before_the_model_loads(tmp_path, capsys, no_model):
+    (tmp_path / "out.summary.json").mkdir()
+    (tmp_path / "a_file").write_text("")
+    for output, needle in ((tmp_path, "is a directory"), (tmp_path / "out.jsonl", "out.summary.json is a directory"),
+                           (tmp_path / "a_file" / "out.jsonl", "File exists")):
+        fails(capsys, ["eval", "--checkpoint", "unused", "--data", tiny_assets()["rows4"], "--output", str(output)],
+              1, needle, str(tmp_path))
+
+
+def test_eval_without_a_usable_row_fails_naming_the_data(tmp_path, capsys):
+    path = unusable_parquet(tmp_path / "unusable.parquet")
+    fails(capsys, ["eval", "--checkpoint", tiny_run(), "--data", path, "--device", "cpu"], 1,
+          f"no usable row in {path}", "missing_text=3")
+
+
+def test_transcribe_names_a_bad_file_before_the_model_loads(tmp_path, capsys, no_model):
+    ok = wav_file(tmp_path / "ok.wav")
+    wav_file(tmp_path / "short.wav", samples=100)
+    (tmp_path / "garbage.wav").write_bytes(b"not audio at all")
+    for bad, needle in (("garbage.wav", "not audio libsndfile can read"), ("", "Is a directory"),
+                        ("short.wav", "too short")):
+        fails(capsys, ["transcribe", "--checkpoint", "unused", ok, str(tmp_path / bad)], 1,
+              f"{tmp_path / bad}: {needle}")
 
 
 def test_unknown_config_key_and_bad_override(tmp_path, capsys):
@@ -111,10 +165,11 @@ def test_unreadable_checkpoint(run_copy, tmp_path, capsys):
         f.write(b"\x00garbage")
     fails(capsys, ["eval", "--checkpoint", newest, "--data", tiny_assets()["rows4"], "--device", "cpu"], 1,
           "cannot load checkpoint", newest)
-    fails(capsys, ["transcribe", "--checkpoint", str(tmp_path / "nowhere"), "a.wav"], 1, "checkpoint not found")
+    audio = wav_file(tmp_path / "a.wav")
+    fails(capsys, ["transcribe", "--checkpoint", str(tmp_path / "nowhere"), audio], 1, "checkpoint not found")
     empty = tmp_path / "empty"
     empty.mkdir()
-    fails(capsys, ["transcribe", "--checkpoint", str(empty), "a.wav"], 1, "not a SteerMoE checkpoint")
+    fails(capsys, ["transcribe", "--checkpoint", str(empty), audio], 1, "not a SteerMoE checkpoint")
     assert not os.listdir(empty)
 
 

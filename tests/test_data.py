@@ -1,6 +1,8 @@
 """Parquet streaming with planted bad rows, filters, and length-grouped, sharded, resumable batches."""
 import io
 import os
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -268,3 +270,152 @@ def test_resume_reproduces_the_batch_sequence(corpus):
 def test_drop_last_gives_full_batches(corpus):
     batches = list(SpeechBatches(ParquetSpeechSource(corpus, id_column="id"), 5, bucket_size=10, drop_last=True))
     assert len(batches) == 48 // 5 and all(len(b) == 5 for b in batches)
+
+
+def test_collate_copies_read_only_arrays_without_torch_warning():
+    """Zero-copy arrow audio is read-only: torch.from_numpy on it warns (once per process, hence a fresh one)."""
+    code = ("import numpy as np; from steermoe.data import SpeechExample, collate\n"
+            "a = np.arange(500, dtype=np.float32); a.setflags(write=False)\n"
+            "assert collate([SpeechExample('a', a, 'x')]).waveforms[0].tolist() == a.tolist()")
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------------------------- raw sample columns
+ARRAY_TYPE = pa.struct([("array", pa.list_(pa.float32())), ("sampling_rate", pa.float64())])
+
+
+def _tone(n=1600, peak=0.3):
+    return (peak * np.sin(np.arange(n) / 7.0)).astype(np.float32)
+
+
+def test_bad_raw_sample_rows_are_skipped_and_counted(tmp_path, monkeypatch):
+    import steermoe.data as data
+
+    tone = _tone().tolist()
+    rows = [{"array": tone, "sampling_rate": 16000.0}, {"array": tone, "sampling_rate": float("nan")},
+            {"array": tone, "sampling_rate": -8000.0}, {"array": tone, "sampling_rate": 16000.5},
+            {"array": tone, "sampling_rate": None}, {"array": None, "sampling_rate": 16000.0}, None]
+    path = str(tmp_path / "array.parquet")
+    pq.write_table(pa.table({"audio": pa.array(rows, ARRAY_TYPE), "text": ["t"] * len(rows)}), path)
+    source = ParquetSpeechSource(path)
+    assert [e.id for e in source] == ["array.parquet:0"]
+    assert source.skipped == Counter({"undecodable_audio": 4, "missing_audio": 2})
+    # list columns: channels of unequal length (evenly divisible in total) or null; rates that are strings
+    channels = pa.list_(pa.list_(pa.float32()))
+    pq.write_table(pa.table({"audio": pa.array([[tone, tone[:-2]], [tone, None], [tone, tone]], channels),
+                             "text": ["a", "b", "c"], "sampling_rate": [16000] * 3}), tmp_path / "channels.parquet")
+    pq.write_table(pa.table({"audio": pa.array([[tone, tone]] * 2, channels), "text": ["a", "b"],
+                             "sampling_rate": ["16000", "16k"]}), tmp_path / "string_rates.parquet")
+    source = ParquetSpeechSource(str(tmp_path / "channels.parquet"))
+    assert len(list(source)) == 1 and source.skipped == Counter({"undecodable_audio": 2})
+    source = ParquetSpeechSource(str(tmp_path / "string_rates.parquet"))
+    assert list(source) == [] and source.skipped == Counter({"undecodable_audio": 2})
+    # any other failure while decoding a row is counted too, never a crash
+    monkeypatch.setattr(data, "_to_mono", lambda values: {}["boom"])
+    source = ParquetSpeechSource(str(tmp_path / "array.parquet"))
+    assert list(source) == [] and source.skipped["undecodable_audio"] == 5
+
+
+def test_unusable_raw_sample_layouts_are_errors_naming_file_and_column(tmp_path):
+    no_rate = pa.struct([("array", pa.list_(pa.float32()))])
+    path = str(tmp_path / "no_rate.parquet")
+    pq.write_table(pa.table({"wave": pa.array([{"array": _tone().tolist()}], no_rate), "text": ["a"]}), path)
+    with pytest.raises(ValueError, match=r"no_rate.parquet: audio column 'wave' .*'sampling_rate'"):
+        ParquetSpeechSource(path, audio_column="wave")
+    path = str(tmp_path / "strings.parquet")
+    pq.write_table(pa.table({"wave": pa.array([["0.1"] * 800]), "text": ["a"], "sampling_rate": [16000]}), path)
+    with pytest.raises(ValueError, match=r"strings.parquet: audio column 'wave' holds list<.*string>"):
+        ParquetSpeechSource(path, audio_column="wave")
+
+
+def test_channel_lists_are_mixed_to_mono_either_way_round(tmp_path):
+    left, right = _tone(), _tone(peak=0.1)[::-1].copy()
+    channels_first = np.stack([left, right])              # (C, S)
+    path = str(tmp_path / "stereo.parquet")
+    pq.write_table(pa.table({"audio": pa.array([channels_first.tolist(), channels_first.T.tolist()],
+                                               pa.list_(pa.list_(pa.float32()))),
+                             "text": ["a", "b"], "sampling_rate": [16000, 16000]}), path)
+    examples = list(ParquetSpeechSource(path))
+    assert len(examples) == 2
+    for example in examples:
+        np.testing.assert_allclose(example.audio, (left + right) / 2, atol=1e-7)
+
+
+@pytest.mark.parametrize("subtype,arrow_type", [("PCM_16", pa.int16()), ("PCM_32", pa.int32()),
+                                                ("PCM_U8", pa.uint8())])
+def test_integer_pcm_lists_are_scaled_like_decoded_wav(tmp_path, subtype, arrow_type):
+    import soundfile as sf
+
+    wav = _wav(_tone(), subtype=subtype)
+    pcm = sf.read(io.BytesIO(wav), dtype="int32")[0] >> (32 - arrow_type.bit_width)   # the file's own integers
+    pcm = pcm + 128 if subtype == "PCM_U8" else pcm                                     # 8-bit WAV is unsigned
+    path = str(tmp_path / "pcm.parquet")
+    pq.write_table(pa.table({"audio": pa.array([pcm.tolist()], pa.list_(arrow_type)), "text": ["a"],
+                             "sampling_rate": [16000]}), path)
+    example, = ParquetSpeechSource(path)
+    np.testing.assert_array_equal(example.audio, _decode_reference(wav))
+
+
+# ------------------------------------------------------------------------------------------ files and ids
+def test_a_file_named_several_ways_is_read_once_and_default_ids_are_unique(tmp_path, monkeypatch):
+    rows = [{**r, "id": None} for r in _speech_rows(2)]
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        _write(tmp_path / sub / "part-0.parquet", rows)
+    monkeypatch.chdir(tmp_path)
+    os.symlink(tmp_path / "a" / "part-0.parquet", tmp_path / "link.parquet")
+    same = ["a/part-0.parquet", str(tmp_path / "a" / "part-0.parquet"), "./a/part-0.parquet", "link.parquet"]
+    assert resolve_parquet_files(same) == ["a/part-0.parquet"]
+    ids = [e.id for e in ParquetSpeechSource(["a", "b"])]
+    assert ids == ["a/part-0.parquet:0", "a/part-0.parquet:1", "b/part-0.parquet:0", "b/part-0.parquet:1"]
+
+
+# ------------------------------------------------------------------------------------------------ shuffle
+def test_borrowed_rows_are_counted_as_duplicates(corpus):
+    # 48 rows over 5 ranks: ranks 0 and 2 hold 9 rows, the others 10, so their 4th bucket of 3 is empty
+    per_rank = [SpeechBatches(ParquetSpeechSource(corpus, id_column="id"), 3, bucket_size=3, seed=2, rank=r,
+                              world_size=5) for r in range(5)]
+    served = Counter(i for batches in per_rank for batch in batches for i in batch.ids)
+    assert set(served) == {f"u{i:02d}" for i in range(48)}
+    assert [b.duplicated for b in per_rank] == [1, 0, 1, 0, 0]
+    assert sum(served.values()) - 48 == 2
+
+
+@pytest.fixture(scope="module")
+def one_group(corpus, tmp_path_factory):
+    """The corpus in a single row group (pyarrow's default for a small file)."""
+    path = str(tmp_path_factory.mktemp("one_group") / "one_group.parquet")
+    pq.write_table(pq.read_table(corpus), path, row_group_size=1 << 20)
+    return path
+
+
+def test_shuffle_reorders_one_row_group_every_epoch_and_ranks_shares_change(one_group):
+    def epoch_ids(rank, epoch, batches_done=0):
+        batches = SpeechBatches(ParquetSpeechSource(one_group, id_column="id"), 4, bucket_size=12, seed=5, rank=rank,
+                                world_size=2)
+        batches.load_state_dict({"epoch": epoch, "batches_done": batches_done})
+        return _ids(batches)
+
+    epochs = [[epoch_ids(rank, epoch) for rank in range(2)] for epoch in range(2)]
+    for ranks in epochs:
+        assert len(ranks[0]) == len(ranks[1])
+        assert sorted(i for batches in ranks for batch in batches for i in batch) == [f"u{i:02d}" for i in range(48)]
+    shares = [{i for batch in ranks[0] for i in batch} for ranks in epochs]
+    assert shares[0] != shares[1]
+    first_buckets = [set(sum(ranks[0][:3], [])) for ranks in epochs]
+    assert first_buckets[0] != first_buckets[1] and {f"u{i:02d}" for i in range(12)} not in first_buckets
+    assert epoch_ids(1, 1, batches_done=4) == epochs[1][1][4:]     # resume mid-epoch
+
+
+def test_shuffle_reads_each_row_group_once_per_epoch(corpus, monkeypatch):
+    reads = []
+    read_row_group = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, **kwargs: reads.append(i) or read_row_group(self, i, **kwargs))
+    for epoch in range(2):
+        reads.clear()
+        batches = SpeechBatches(ParquetSpeechSource(corpus, id_column="id"), 4, bucket_size=8, seed=1, world_size=2)
+        batches.set_epoch(epoch)
+        assert len(list(batches)) == len(batches)
+        assert len(reads) == len(set(reads)) >= 4       # 24 rows in groups of 6, buckets of 8 straddling them

@@ -121,3 +121,29 @@ def test_transcribe_prints_one_line_per_file_matching_eval(tmp_path, capsys):
           "--max_new_tokens", "5", "--id_column", "id", "--device", "cpu"])
     hypotheses = {json.loads(line)["id"]: json.loads(line)["hypothesis"] for line in out.read_text().splitlines()}
     assert [line.split("\t", 1)[1] for line in lines] == [hypotheses[row["id"]] for row in good]
+
+
+def unusable_parquet(path, rows=3) -> str:
+    """``rows`` bundled utterances, every one without a transcript."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    utterances = pq.read_table(SPEECH).slice(0, rows).to_pylist()
+    pq.write_table(pa.Table.from_pylist([{**r, "text": None} for r in utterances]), path)
+    return str(path)
+
+
+def test_eval_batches_checks_batch_size_and_fails_on_data_without_a_usable_row(tmp_path):
+    from steermoe.data import ParquetSpeechSource
+    from steermoe.evaluate import eval_batches
+
+    planted_parquet(tmp_path / "eval.parquet", good_rows=5)
+    source = ParquetSpeechSource(str(tmp_path / "eval.parquet"))
+    assert [len(batch) for batch in eval_batches(source, 2)] == [2, 2, 1]
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"batch_size must be an int >= 1; got {bad!r}"):
+            next(eval_batches(source, bad))
+    path = unusable_parquet(tmp_path / "unusable.parquet")
+    with pytest.raises(ValueError, match=r"no usable row in .*unusable.parquet \(3 rows; skipped: missing_text=3\)"):
+        list(eval_batches(ParquetSpeechSource(path), 2))
+    assert list(eval_batches(ParquetSpeechSource(path), 2, limit=0)) == []      # asked for none: no error
