@@ -4,10 +4,12 @@ Layout under a run's ``output_dir``::
 
     checkpoints/step_00000100/
         <model.save_trainable(...)>   trainable tensors (safetensors) + the JSON config naming the base models
-        training_state.pt             step, optimizer, scheduler, RNG and data-position state
+        training_state.pt             step, world size, optimizer, scheduler, loss-scaler, RNG and data-position
+                                      state, and the non-finite step counts
 
-A checkpoint is written into a hidden temporary sibling and renamed into place only when complete, so a crash
-mid-save leaves every earlier checkpoint intact and never a half-written ``step_*`` directory.
+A checkpoint is written into a hidden temporary sibling, fsynced, and renamed into place only when complete, so a
+crash mid-save (or a power loss) leaves every earlier checkpoint intact and never a half-written ``step_*``
+directory.
 """
 import os
 import random
@@ -17,6 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from .fileio import fsync_path
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
@@ -87,7 +91,8 @@ def remove_checkpoints(output_dir: str) -> None:
 def save_checkpoint(output_dir: str, step: int, model, state: Dict[str, Any], *, keep: int = 0) -> str:
     """Write ``model``'s trainable tensors and ``state`` as the step-``step`` checkpoint; returns its path.
 
-    ``keep`` > 0 prunes all but the newest ``keep`` checkpoints afterwards.
+    Every file and the directory are fsynced before the rename into place, and ``checkpoints/`` after it, so a
+    checkpoint is on disk before ``keep`` > 0 prunes all but the newest ``keep``.
     """
     root = os.path.join(output_dir, CHECKPOINTS)
     os.makedirs(root, exist_ok=True)
@@ -98,13 +103,18 @@ def save_checkpoint(output_dir: str, step: int, model, state: Dict[str, Any], *,
     tmp = os.path.join(root, f".tmp-{os.path.basename(final)}-{os.getpid()}")
     model.save_trainable(tmp)
     torch.save(state, os.path.join(tmp, STATE_FILE))
+    for name in os.listdir(tmp):
+        fsync_path(os.path.join(tmp, name))
+    fsync_path(tmp)
+    old = None
     if os.path.exists(final):                        # same step saved again: swap, then drop the old copy
         old = f"{tmp}.old"
         os.replace(final, old)
-        os.replace(tmp, final)
+    os.replace(tmp, final)
+    fsync_path(root)
+    fsync_path(output_dir)                           # holds checkpoints/, which may be new
+    if old is not None:
         shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
     if keep > 0:
         older = [path for _, path in list_checkpoints(output_dir) if path != final]
         for path in older[: max(0, len(older) - (keep - 1))]:

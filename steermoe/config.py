@@ -5,12 +5,16 @@ Sections: ``model`` (what :meth:`SteerMoEModel.from_pretrained` takes), ``data``
 so a typo never trains silently with a default.
 """
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
+
+
+WHISPER_SECONDS = 30.0                    # the longest input Whisper's encoder takes
 
 
 class ConfigError(ValueError):
@@ -41,9 +45,9 @@ class DataConfig:
     prompt_column: Optional[str] = None
     id_column: Optional[str] = None
     min_seconds: Optional[float] = None
-    max_seconds: Optional[float] = 30.0   # Whisper's window; evaluation skips (and counts) longer rows too
+    max_seconds: float = 30.0             # in (0, 30] (Whisper's window); evaluation skips (and counts) longer rows too
     max_text_tokens: Optional[int] = None
-    bucket_size: Optional[int] = None     # rows sorted by length together (None: 64 batches' worth)
+    bucket_size: Optional[int] = None     # rows sorted by length together, >= train.batch_size (None: 64 batches)
 
 
 @dataclass
@@ -57,7 +61,7 @@ class TrainConfig:
     lr_vectors: float = 1e-3
     lr_scales: float = 1e-3
     lr_projector: float = 2e-4
-    weight_decay: float = 0.01            # applied to matrices only (router, vectors, projector weights)
+    weight_decay: float = 0.01            # weight matrices only (router weights, steering vectors, projector weights)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0                # global gradient-norm clip (0 disables)
     seed: int = 0
@@ -91,12 +95,21 @@ class Config:
         _require(m.dtype in ("bfloat16", "float16", "float32"), "model.dtype", "bfloat16, float16 or float32",
                  m.dtype)
         _require(m.num_experts >= 1, "model.num_experts", ">= 1", m.num_experts)
+        _require(math.isfinite(m.steering_scale), "model.steering_scale", "a finite number", m.steering_scale)
+        _require(m.layers is None or (len(m.layers) > 0 and all(i >= 0 for i in m.layers)), "model.layers",
+                 "null (all layers) or a non-empty list of encoder layer indices >= 0", m.layers)
         _require(m.downsample >= 1, "model.downsample", ">= 1", m.downsample)
         _require(m.downsample_mode in ("stack", "avg", "max"), "model.downsample_mode", "stack, avg or max",
                  m.downsample_mode)
         _require(m.projector in ("linear", "mlp"), "model.projector", "linear or mlp", m.projector)
         _require(m.max_new_tokens >= 1, "model.max_new_tokens", ">= 1", m.max_new_tokens)
         _require(len(d.train) > 0, "data.train", "at least one parquet file, directory or glob")
+        _require(0 < d.max_seconds <= WHISPER_SECONDS, "data.max_seconds", f"in (0, {WHISPER_SECONDS}] (Whisper's "
+                 "window)", d.max_seconds)
+        _require(d.min_seconds is None or 0 <= d.min_seconds <= d.max_seconds, "data.min_seconds",
+                 f"null or in [0, data.max_seconds={d.max_seconds}]", d.min_seconds)
+        _require(d.max_text_tokens is None or d.max_text_tokens >= 1, "data.max_text_tokens", "null or >= 1",
+                 d.max_text_tokens)
         for key in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_batch_size", "save_every"):
             _require(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
         for key in ("warmup_steps", "eval_every", "eval_utterances", "keep_checkpoints", "weight_decay",
@@ -104,6 +117,8 @@ class Config:
             _require(getattr(t, key) >= 0, f"train.{key}", ">= 0", getattr(t, key))
         for key in ("lr_router", "lr_vectors", "lr_scales", "lr_projector"):
             _require(getattr(t, key) >= 0, f"train.{key}", ">= 0", getattr(t, key))
+        _require(d.bucket_size is None or d.bucket_size >= t.batch_size, "data.bucket_size",
+                 f"null or >= train.batch_size={t.batch_size}", d.bucket_size)
         _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "in [0, 1]", t.min_lr_ratio)
         _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
                  "two numbers in [0, 1)", t.betas)

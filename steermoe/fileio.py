@@ -1,20 +1,33 @@
-"""Atomic file writes: a temporary sibling, then a rename, so readers see the old file or the new one, never half."""
+"""Durable atomic file writes: a temporary sibling, flushed to disk, then a rename, so readers (and a machine that
+lost power) see the old file or the new one, never half."""
 import json
 import os
 from typing import Any, Callable
 
 
+def fsync_path(path: str) -> None:
+    """Flush file ``path``'s data, or directory ``path``'s entries (e.g. a rename into it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, then rename the result over ``path`` (creating its directory)."""
+    """Call ``write(tmp_path)``, fsync the result, rename it over ``path`` (creating its directory), fsync the
+    directory."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    fsync_path(directory)
 
 
 def atomic_write_text(path: str, text: str) -> None:

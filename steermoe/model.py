@@ -276,6 +276,12 @@ class SteerMoEModel(nn.Module):
         return {"router": [e.router_weight, e.router_bias], "vectors": [e.steering_vectors],
                 "scales": [e.layer_scales], "projector": list(self.projector.parameters())}
 
+    def decayed_parameters(self) -> List[nn.Parameter]:
+        """The trainable weight matrices, which get weight decay: router weights, steering vectors, projector
+        weights. The router bias (L, E), the layer scales and the projector biases get none."""
+        linears = [m.weight for m in self.projector.modules() if isinstance(m, nn.Linear)]
+        return [self.encoder.router_weight, self.encoder.steering_vectors, *linears]
+
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for group in self.trainable_parameter_groups().values() for p in group)
 

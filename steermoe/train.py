@@ -6,7 +6,11 @@
 One optimizer step reads ``grad_accum`` micro-batches of ``batch_size`` examples on every process. The loss is
 the mean over all target tokens of that global batch: each micro-batch backpropagates its token-summed loss,
 and the accumulated gradient is divided by the global token count (summed over micro-batches and processes)
-before clipping, so an update does not depend on how the global batch is split.
+before clipping, so an update does not depend on how the global batch is split. With float16 frozen weights the
+loss is scaled (``torch.amp.GradScaler``) for the backward and the gradient unscaled before that division.
+
+``--resume`` continues from the newest checkpoint, with the config the run had: only the keys in
+``RESUME_MAY_CHANGE`` (``max_steps``, logging, evaluation and saving intervals, ...) may differ.
 """
 import contextlib
 import json
@@ -15,12 +19,14 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import (CheckpointError, check_output_dir, load_training_state, remove_checkpoints, rng_state,
@@ -45,18 +51,21 @@ def lr_lambda(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: flo
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(groups: Dict[str, List[torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(groups: Dict[str, List[torch.nn.Parameter]], cfg: TrainConfig,
+                    decayed: Sequence[torch.nn.Parameter]) -> torch.optim.AdamW:
     """AdamW with one learning rate per named group (``lr_router``, ``lr_vectors``, ...).
 
-    Each group is split by shape: matrices get ``weight_decay``, vectors and scalars (biases, scales) none.
+    Each group is split in two: the parameters in ``decayed`` (weight matrices) get ``weight_decay``, the others
+    (biases, scales) none.
     """
+    decay_ids = {id(p) for p in decayed}
     param_groups = []
     for name, params in groups.items():
         lr = getattr(cfg, f"lr_{name}", None)
         if lr is None:
             raise ValueError(f"no learning rate for parameter group {name!r}: expected a train.lr_{name} key")
         for decay in (True, False):
-            chosen = [p for p in params if p.requires_grad and (p.ndim >= 2) == decay]
+            chosen = [p for p in params if p.requires_grad and (id(p) in decay_ids) == decay]
             if chosen:
                 param_groups.append({"params": chosen, "lr": lr, "name": name,
                                      "weight_decay": cfg.weight_decay if decay else 0.0})
@@ -156,7 +165,8 @@ def seed_everything(seed: int) -> None:
 class MetricsLog:
     """Append-only JSONL at ``output_dir/metrics.jsonl``, one object per line; written on the main process only.
 
-    On resume, lines from beyond the resumed step (written by the interrupted run) are dropped first.
+    On resume, lines from beyond the resumed step (written by the interrupted run) are dropped first, and so is a
+    last line the interrupted run left half-written (with a warning); an unreadable line before it is an error.
     """
 
     def __init__(self, path: Optional[str], resume_step: Optional[int] = None):
@@ -166,7 +176,20 @@ class MetricsLog:
         kept = []
         if resume_step is not None and os.path.exists(path):
             with open(path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                lines = f.read().rstrip().split("\n")
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    if number < len(lines):
+                        raise TrainingError(f"{path} line {number} is not valid JSON ({err}); repair or delete "
+                                            "that line, then resume") from None
+                    warnings.warn(f"{path}: dropping the half-written last line {line!r}")
+                    break
+                if record.get("step", 0) <= resume_step:
+                    kept.append(line + "\n")
         atomic_write_text(path, "".join(kept))
 
     def write(self, record: Dict[str, Any]) -> None:
@@ -178,6 +201,48 @@ class MetricsLog:
 def read_metrics(path: str) -> List[Dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# keys a resumed run may change: they touch neither the data order nor the optimization trajectory, except that a
+# new max_steps moves the end of the cosine schedule (the point of extending a run)
+RESUME_MAY_CHANGE = frozenset({
+    "output_dir", "model.max_new_tokens", "data.eval", "train.max_steps", "train.log_every", "train.eval_every",
+    "train.eval_utterances", "train.eval_batch_size", "train.save_every", "train.keep_checkpoints",
+    "train.gradient_checkpointing", "train.max_nonfinite_steps", "train.device"})
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"train": {"seed": 0}}`` -> ``{"train.seed": 0}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def check_resume_config(cfg: Config, saved_path: str) -> None:
+    """Refuse to resume with ``cfg`` when it differs from the run's config (``saved_path``) outside
+    :data:`RESUME_MAY_CHANGE`.
+
+    Every other key sets the data order (batch_size, grad_accum, seed, data paths and filters) or the optimization
+    trajectory (the model, learning rates, schedule, optimizer). Learning rates in particular cannot change: the
+    checkpoint's optimizer and scheduler state carry the old ones. Changing them takes a new run.
+    """
+    if not os.path.isfile(saved_path):
+        raise CheckpointError(f"--resume: {saved_path} is missing, so this config cannot be checked against the run's")
+    with open(saved_path, encoding="utf-8") as f:
+        saved = _flatten(yaml.safe_load(f) or {})
+    current = _flatten(cfg.to_dict())
+    absent = "<absent>"
+    changed = [f"{key}: {saved.get(key, absent)!r} -> {current.get(key, absent)!r}"
+               for key in sorted(saved.keys() | current.keys())
+               if key not in RESUME_MAY_CHANGE and saved.get(key, absent) != current.get(key, absent)]
+    if changed:
+        raise CheckpointError(f"cannot resume with this config: it differs from the run's {saved_path} in keys that "
+                              f"set the data order or the optimization trajectory: {'; '.join(changed)}. Restore "
+                              "them, or start a new run (another output_dir, or --overwrite)")
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -193,6 +258,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
     tc = cfg.train
     env = init_distributed(tc.device)
     resume_from = check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
+    if resume_from is not None:
+        check_resume_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     seed_everything(tc.seed)
 
     # ---- model: frozen Whisper encoder + frozen LLM, trainable steering and projector (fp32)
@@ -208,22 +275,31 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # ---- optimizer (one LR per group) and schedule (warmup, then cosine to max_steps)
-    optimizer = build_optimizer(model.trainable_parameter_groups(), tc)
+    optimizer = build_optimizer(model.trainable_parameter_groups(), tc, model.decayed_parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
         s, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, min_lr_ratio=tc.min_lr_ratio))
+    # float16 frozen weights: scale the loss so the backward through them does not underflow; a step whose
+    # gradient overflowed is skipped (and counted) like any non-finite step, and the scale halves
+    scaler = torch.amp.GradScaler(env.device.type, enabled=m.dtype == "float16")
 
     # ---- data: length-grouped batches, sharded over processes, the same number of batches on each
     train_batches = SpeechBatches(open_source(cfg.data, cfg.data.train, tokenizer=model.tokenizer), tc.batch_size,
                                   bucket_size=cfg.data.bucket_size, shuffle=True, seed=tc.seed, rank=env.rank,
                                   world_size=env.world_size)
-    step = 0
+    if cfg.data.eval:   # an eval set without a usable row fails now, not at the first evaluation
+        next(eval_batches(open_source(cfg.data, cfg.data.eval, for_eval=True), 1, limit=1))
+    step = nonfinite_total = nonfinite_in_a_row = 0
     if resume_from is not None:
         state = load_training_state(resume_from)
+        if state["world_size"] != env.world_size:   # batch_size is per process: the data position would shift
+            raise CheckpointError(f"cannot resume {resume_from} on {env.world_size} processes: it was trained on "
+                                  f"{state['world_size']}")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
         train_batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
-        step = state["step"]
+        step, nonfinite_total, nonfinite_in_a_row = state["step"], state["nonfinite_total"], state["nonfinite_in_a_row"]
     batch_iter = iter(train_batches)
 
     def next_batch():
@@ -275,8 +351,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
         if env.is_main:
             # the data position is the same on every process; the RNG state is the main process's (the loop
             # draws no random numbers: the frozen parts have no dropout and the data order is seeded)
-            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "data": train_batches.state_dict(), "rng": rng_state()}
+            state = {"step": step, "world_size": env.world_size, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "data": train_batches.state_dict(), "rng": rng_state(), "nonfinite_total": nonfinite_total,
+                     "nonfinite_in_a_row": nonfinite_in_a_row}
             path = save_checkpoint(cfg.output_dir, step, model, state, keep=tc.keep_checkpoints)
         env.barrier()
         return path
@@ -284,7 +362,6 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
     # ---- the loop
     model.train()
     loss = float("nan")
-    nonfinite_total = nonfinite_in_a_row = 0
     checkpoint_path, eval_summary = resume_from, None
     while step < tc.max_steps:
         t_start = time.perf_counter()
@@ -305,26 +382,30 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
                 if tc.aux_loss_weight > 0:   # token-weighted, like the main loss
                     aux = load_balancing_loss(out.gating, mask=out.gating_mask) * out.num_tokens
                     objective = objective + tc.aux_loss_weight * aux
-                objective.backward()
+                scaler.scale(objective).backward()
             sums += torch.stack([out.loss_sum.detach().double(), out.num_tokens.double(), aux.detach().double(),
                                  torch.tensor(len(batch), dtype=torch.float64, device=env.device)])
 
         # mean over the global batch's target tokens (DDP already averaged over processes: undo, then divide)
         loss_sum, tokens, aux_sum, samples = env.all_sum(sums)
+        scaler.unscale_(optimizer)
         for p in trainable:
             if p.grad is not None:
                 p.grad.mul_(env.world_size / max(tokens, 1.0))
         loss = loss_sum / max(tokens, 1.0)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else math.inf))
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            optimizer.step()
+        loss_scale = scaler.get_scale()
+        if math.isfinite(loss) and math.isfinite(grad_norm):   # the same on every process: grads are all-reduced
+            scaler.step(optimizer)
             nonfinite_in_a_row = 0
         else:
             nonfinite_total += 1
             nonfinite_in_a_row += 1
-            say(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}; step skipped "
-                      f"({nonfinite_in_a_row} in a row, {nonfinite_total} in total)")
+            say(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}"
+                + (f" at loss scale {loss_scale:g}" if scaler.is_enabled() else "")
+                + f"; step skipped ({nonfinite_in_a_row} in a row, {nonfinite_total} in total)")
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
@@ -335,6 +416,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
                   **{f"lr/{k}": v for k, v in lrs.items()}}
         if tc.aux_loss_weight > 0:
             record["aux_loss"] = aux_sum / max(tokens, 1.0)
+        if scaler.is_enabled():
+            record["loss_scale"] = loss_scale
         log.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs.get('vectors', next(iter(lrs.values()))):.2e}",

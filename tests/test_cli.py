@@ -15,6 +15,7 @@ from test_train import tiny_assets, tiny_config, tiny_run
 from steermoe.checkpoint import list_checkpoints
 from steermoe.cli import main
 from steermoe.config import save_config
+from steermoe.train import read_metrics
 
 
 def snapshot(directory):
@@ -126,6 +127,15 @@ def test_unknown_config_key_and_bad_override(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_train_with_an_unusable_eval_set_fails_before_the_first_step(tmp_path, capsys):
+    path = unusable_parquet(tmp_path / "unusable.parquet")
+    config = tmp_path / "run.yaml"
+    save_config(tiny_config(tmp_path / "out"), str(config))
+    fails(capsys, ["train", "--config", str(config), f"data.eval={path}"], 1, f"no usable row in {path}")
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    assert not metrics.exists() or not read_metrics(str(metrics))   # no step was trained
+
+
 def test_existing_checkpoints_need_resume_or_overwrite(run_copy, capsys):
     before = snapshot(run_copy)
     fails(capsys, ["train", "--config", str(run_copy / "config.yaml")], 1,
@@ -152,7 +162,7 @@ def test_config_checkpoint_mismatch_on_resume(run_copy, capsys):
         from steermoe.demo.tiny_models import build_tiny_whisper
         build_tiny_whisper(other_whisper, d_model=48, layers=3, heads=2, ffn_dim=48)
     fails(capsys, ["train", "--config", str(run_copy / "config.yaml"), "--resume", f"model.whisper={other_whisper}"],
-          1, "cannot resume", "layers is [0, 1] but this model's is [0, 1, 2]")
+          1, "cannot resume", f"model.whisper: '{tiny_assets()['whisper']}' -> '{other_whisper}'")
     assert snapshot(run_copy) == before
     # eval on a base of another width: the checkpoint's tensors do not fit
     fails(capsys, ["eval", "--checkpoint", str(run_copy), "--data", tiny_assets()["rows4"], "--whisper", other_whisper,

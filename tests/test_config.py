@@ -20,7 +20,7 @@ def test_yaml_then_overrides(tmp_path):
     cfg = load_config(write_yaml(tmp_path, values),
                       ["train.lr_router=2e-3", "train.grad_accum=5", "model.layers=[0, 2]",
                        "data.eval=e.parquet", "model.prompt=Say it: now", "train.gradient_checkpointing=true",
-                       "data.prompt_column=question", "data.max_seconds=null"])
+                       "data.prompt_column=question", "data.max_seconds=20", "data.min_seconds=1"])
     assert cfg.train.batch_size == 3                   # from the file
     assert cfg.train.lr_router == pytest.approx(2e-3)  # override wins
     assert cfg.train.grad_accum == 5
@@ -28,7 +28,7 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.data.eval == ["e.parquet"]              # a single string becomes a one-item list
     assert cfg.model.prompt == "Say it: now"           # '=' and ':' inside the value survive
     assert cfg.train.gradient_checkpointing is True
-    assert cfg.data.prompt_column == "question" and cfg.data.max_seconds is None
+    assert cfg.data.prompt_column == "question" and (cfg.data.min_seconds, cfg.data.max_seconds) == (1.0, 20.0)
     assert load_config(write_yaml(tmp_path, values), ["data.prompt_column=null"]).data.prompt_column is None
     assert cfg.train.lr_vectors == Config().train.lr_vectors  # untouched keys keep defaults
 
@@ -60,6 +60,16 @@ def test_unknown_keys_are_named(tmp_path, values, overrides, key):
     ("train.min_lr_ratio=2", "train.min_lr_ratio"),
     ("data.train=[]", "data.train"),
     ("model.whisper=", "model.whisper"),
+    ("model.steering_scale=.nan", "model.steering_scale"),
+    ("model.steering_scale=.inf", "model.steering_scale"),
+    ("model.layers=[0, -1]", "model.layers"),
+    ("model.layers=[]", "model.layers"),
+    ("data.max_seconds=45", "data.max_seconds"),      # Whisper takes 30 s at most
+    ("data.max_seconds=0", "data.max_seconds"),
+    ("data.max_seconds=null", "data.max_seconds"),
+    ("data.min_seconds=31", "data.min_seconds"),      # above max_seconds: every row filtered
+    ("data.max_text_tokens=0", "data.max_text_tokens"),
+    ("data.bucket_size=4", "data.bucket_size"),       # under batch_size (8)
 ])
 def test_bad_values_are_named(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -14,7 +14,8 @@ import steermoe.train
 from steermoe.checkpoint import (CheckpointError, check_output_dir, latest_checkpoint, list_checkpoints,
                                  load_training_state, rng_state, save_checkpoint, set_rng_state, step_dir)
 from steermoe.config import Config, TrainConfig, load_config
-from steermoe.train import MetricsLog, TrainingError, build_optimizer, lr_lambda, read_metrics, train
+from steermoe.fileio import atomic_write_text
+from steermoe.train import Distributed, MetricsLog, TrainingError, build_optimizer, lr_lambda, read_metrics, train
 
 
 # ------------------------------------------------------------------------------------------ schedule, optimizer
@@ -38,7 +39,7 @@ def test_each_group_gets_its_own_lr_and_matrices_only_decay():
     proj_w, proj_b = torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(7))
     groups = {"router": [router_w, router_b], "vectors": [vectors], "scales": [scales], "projector": [proj_w, proj_b]}
     cfg = TrainConfig(lr_router=1e-1, lr_vectors=2e-2, lr_scales=3e-3, lr_projector=4e-4, weight_decay=0.05)
-    opt = build_optimizer(groups, cfg)
+    opt = build_optimizer(groups, cfg, decayed=[router_w, vectors, proj_w])
     seen = {}
     for g in opt.param_groups:
         for p in g["params"]:
@@ -57,16 +58,31 @@ def test_each_group_gets_its_own_lr_and_matrices_only_decay():
         for p in ps:
             p.grad = torch.ones_like(p)
     opt = build_optimizer(groups, TrainConfig(lr_router=1e-1, lr_vectors=2e-2, lr_scales=3e-3, lr_projector=4e-4,
-                                              weight_decay=0.0))
+                                              weight_decay=0.0), decayed=[])
     opt.step()
     for name, lr in (("router", 1e-1), ("vectors", 2e-2), ("scales", 3e-3), ("projector", 4e-4)):
         for p, p0 in zip(groups[name], before[name]):
             torch.testing.assert_close(p0 - p.detach(), torch.full_like(p0, lr), rtol=1e-3, atol=1e-7)
 
 
+def test_only_the_real_models_weight_matrices_decay():
+    from steermoe.model import SteerMoEModel
+
+    a = tiny_assets()
+    model = SteerMoEModel.from_pretrained(a["whisper"], a["llm"], dtype="float32", num_experts=3, projector="mlp")
+    assert model.encoder.router_bias.ndim == 2               # (L, E): a bias, though not a vector
+    opt = build_optimizer(model.trainable_parameter_groups(), TrainConfig(weight_decay=0.05),
+                          model.decayed_parameters())
+    names = {id(p): name for name, p in model.named_parameters()}
+    decay = {names[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay == {"encoder.router_weight": 0.05, "encoder.router_bias": 0.0, "encoder.steering_vectors": 0.05,
+                     "encoder.layer_scales": 0.0, "projector.0.weight": 0.05, "projector.0.bias": 0.0,
+                     "projector.2.weight": 0.05, "projector.2.bias": 0.0}
+
+
 def test_unknown_group_is_an_error():
     with pytest.raises(ValueError, match="lr_gates"):
-        build_optimizer({"gates": [torch.nn.Parameter(torch.ones(2))]}, TrainConfig())
+        build_optimizer({"gates": [torch.nn.Parameter(torch.ones(2))]}, TrainConfig(), decayed=[])
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -107,6 +123,57 @@ def test_checkpoint_write_discovery_and_pruning(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000004", "step_00000010"]
 
 
+def record_disk_events(monkeypatch) -> list:
+    """Log each os.fsync (as the inode it flushed), os.replace and shutil.rmtree, in call order."""
+    events = []
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, shutil.rmtree
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(src), os.path.basename(dst)))
+        real_replace(src, dst)
+
+    def rmtree(path, *args, **kwargs):
+        events.append(("rmtree", os.path.basename(path)))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    return events
+
+
+def flushed(path) -> tuple:
+    return ("fsync", os.stat(path).st_ino)
+
+
+def test_atomic_write_flushes_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    events = record_disk_events(monkeypatch)
+    atomic_write_text(str(tmp_path / "a.txt"), "hello")
+    renamed = [i for i, e in enumerate(events) if e[0] == "replace"]
+    assert len(renamed) == 1
+    assert flushed(tmp_path / "a.txt") in events[:renamed[0]]
+    assert flushed(tmp_path) in events[renamed[0] + 1:]
+
+
+def test_checkpoint_is_on_disk_before_older_ones_are_pruned(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    save_checkpoint(out, 1, FakeModel(1), {"step": 1}, keep=1)
+    events = record_disk_events(monkeypatch)
+    final = save_checkpoint(out, 2, FakeModel(2), {"step": 2}, keep=1)
+    renamed = [i for i, e in enumerate(events) if e[0] == "replace"]
+    assert len(renamed) == 1 and events[renamed[0]][2] == "step_00000002"
+    before, after = events[:renamed[0]], events[renamed[0] + 1:]
+    for name in ("weights.txt", "training_state.pt"):
+        assert flushed(os.path.join(final, name)) in before, name
+    assert flushed(final) in before                          # its entries
+    assert after.index(flushed(tmp_path / "checkpoints")) < after.index(("rmtree", "step_00000001"))
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+
+
 def test_output_dir_guard(tmp_path):
     out = str(tmp_path)
     assert check_output_dir(out, resume=False, overwrite=False) is None
@@ -143,6 +210,21 @@ def test_metrics_log_drops_lines_past_the_resumed_step(tmp_path):
     assert read_metrics(path) == []
 
 
+def test_metrics_log_resume_drops_a_torn_last_line_and_names_a_bad_earlier_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')   # killed mid-append
+    with pytest.warns(UserWarning, match="half-written last line"):
+        log = MetricsLog(str(path), resume_step=2)
+    log.write({"step": 3, "loss": 1.0})
+    assert [(r["step"], r["loss"]) for r in read_metrics(str(path))] == [(1, 2.0), (2, 1.5), (3, 1.0)]
+    path.write_text('{"step": 1}\n{"step": 2}')                # whole, but its newline never written
+    MetricsLog(str(path), resume_step=2).write({"step": 3})
+    assert [r["step"] for r in read_metrics(str(path))] == [1, 2, 3]
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(TrainingError, match=r"metrics\.jsonl line 2 is not valid JSON"):
+        MetricsLog(str(path), resume_step=3)
+
+
 # ------------------------------------------------------------------------------------------ the loop, end to end
 
 @functools.lru_cache(maxsize=None)
@@ -167,10 +249,10 @@ def tiny_assets() -> dict:
 SPEECH = os.path.join(os.path.dirname(steermoe.__file__), "demo", "speech.parquet")
 
 
-def tiny_config(output_dir, data="rows4", **train) -> Config:
-    """A float32 CPU run on the tiny models; ``train`` entries override ``train.*`` keys."""
+def tiny_config(output_dir, data="rows4", dtype="float32", **train) -> Config:
+    """A CPU run on the tiny models (frozen weights in ``dtype``); ``train`` entries override ``train.*`` keys."""
     a = tiny_assets()
-    overrides = [f"model.whisper={a['whisper']}", f"model.llm={a['llm']}", "model.dtype=float32",
+    overrides = [f"model.whisper={a['whisper']}", f"model.llm={a['llm']}", f"model.dtype={dtype}",
                  "model.num_experts=3", "model.max_new_tokens=6", f"data.train={a[data]}", f"output_dir={output_dir}",
                  "train.device=cpu", "train.warmup_steps=1", "train.log_every=100", "train.save_every=100",
                  "train.lr_router=3e-3", "train.lr_vectors=2e-3", "train.lr_scales=1e-2", "train.lr_projector=1e-3",
@@ -200,8 +282,8 @@ def capture_gradients(monkeypatch):
     """Make every optimizer the loop builds record the gradients it steps with: a list (per step) of lists."""
     captured = []
 
-    def build(groups, cfg):
-        opt = build_optimizer(groups, cfg)
+    def build(groups, cfg, decayed):
+        opt = build_optimizer(groups, cfg, decayed)
         opt.register_step_pre_hook(
             lambda o, args, kwargs: captured.append([p.grad.clone() for g in o.param_groups for p in g["params"]]))
         return opt
@@ -249,23 +331,28 @@ def test_per_group_lrs_and_schedule_reach_the_optimizer(tmp_path):
     assert {g["name"] for g in state["optimizer"]["param_groups"]} == {"router", "vectors", "scales", "projector"}
 
 
-def test_killed_run_resumed_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
-    # 5 utterances in batches of 2: three batches an epoch; killed mid-epoch, the resumed run crosses an epoch
-    kw = dict(data="rows5", batch_size=2, max_steps=6, save_every=2, keep_checkpoints=2)
-    train(tiny_config(tmp_path / "straight", **kw))
+class Killed(Exception):
+    pass
 
-    class Killed(Exception):
-        pass
 
+def kill_after_saving(monkeypatch, at_step: int) -> None:
+    """Make the loop raise Killed right after it saved the step-``at_step`` checkpoint."""
     real_save = steermoe.train.save_checkpoint
 
     def save_then_die(output_dir, step, *args, **kwargs):
         path = real_save(output_dir, step, *args, **kwargs)
-        if step == 2:
+        if step == at_step:
             raise Killed
         return path
 
     monkeypatch.setattr(steermoe.train, "save_checkpoint", save_then_die)
+
+
+def test_killed_run_resumed_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    # 5 utterances in batches of 2: three batches an epoch; killed mid-epoch, the resumed run crosses an epoch
+    kw = dict(data="rows5", batch_size=2, max_steps=6, save_every=2, keep_checkpoints=2)
+    train(tiny_config(tmp_path / "straight", **kw))
+    kill_after_saving(monkeypatch, 2)
     with pytest.raises(Killed):
         train(tiny_config(tmp_path / "killed", **kw))
     monkeypatch.undo()
@@ -307,3 +394,54 @@ def test_non_finite_losses_skip_the_step_and_repeated_ones_stop(tmp_path, monkey
         assert torch.equal(w1[key], w2[key]) and torch.equal(w3[key], w4[key]), key   # skipped steps: no change
     assert any(not torch.equal(w2[k], w3[k]) for k in w2)
     assert latest_checkpoint(str(tmp_path)) == step_dir(str(tmp_path), 4)       # the stop saves nothing
+
+
+def test_float16_scales_the_loss_and_a_resumed_run_keeps_the_scale_and_the_skip_counts(tmp_path, monkeypatch):
+    # the token-summed loss at the initial scale 2**16 overflows the float16 backward: the first steps are skipped
+    # (counted) while the scale halves; killed after step 1, the resumed run must carry both on
+    kw = dict(dtype="float16", batch_size=2, max_steps=4, save_every=1)
+    train(tiny_config(tmp_path / "straight", **kw))
+    kill_after_saving(monkeypatch, 1)
+    with pytest.raises(Killed):
+        train(tiny_config(tmp_path / "killed", **kw))
+    monkeypatch.undo()
+    train(tiny_config(tmp_path / "killed", **kw), resume=True)
+
+    def records(run):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")}
+                for r in read_metrics(os.path.join(tmp_path / run, "metrics.jsonl"))]
+
+    straight = records("straight")
+    assert records("killed") == straight
+    assert [r["skipped"] for r in straight][:2] == [1, 2]          # both sides of the kill skip
+    assert straight[-1]["skipped"] < 4                              # and later steps update
+    skipped = [r["skipped"] > before for r, before in zip(straight, [0] + [r["skipped"] for r in straight])]
+    for r, after, overflowed in zip(straight, straight[1:], skipped):   # an overflow halves the scale, else it stays
+        assert after["loss_scale"] == r["loss_scale"] / (2 if overflowed else 1)
+    for r in straight:     # clipping and the log see the unscaled norm (~0.1 here; scaled it would be > 100)
+        assert math.isnan(r["grad_norm"]) or r["grad_norm"] < 1.0
+    for step in (2, 3, 4):
+        a, b = (load_training_state(step_dir(str(tmp_path / run), step)) for run in ("straight", "killed"))
+        assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] < 2.0 ** 16
+        assert (a["nonfinite_total"], a["nonfinite_in_a_row"]) == (b["nonfinite_total"], b["nonfinite_in_a_row"])
+    assert load_training_state(step_dir(str(tmp_path / "killed"), 2))["nonfinite_in_a_row"] == 2
+    assert trained_weights(tmp_path / "straight").keys() == trained_weights(tmp_path / "killed").keys()
+    for key, value in trained_weights(tmp_path / "straight").items():
+        assert torch.equal(value, trained_weights(tmp_path / "killed")[key]), key
+
+
+def test_resume_refuses_a_config_that_changes_the_run_and_takes_safe_changes(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run(), out)                  # batch_size 2, two steps; its config names another output_dir
+    saved = (out / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=r"train\.batch_size: 2 -> 1; train\.lr_router: 0\.003 -> 0\.01\. "):
+        train(tiny_config(out, batch_size=1, max_steps=3, lr_router=1e-2), resume=True)
+    assert (out / "config.yaml").read_text() == saved
+    monkeypatch.setattr(steermoe.train, "init_distributed", lambda device: Distributed(0, 2, torch.device("cpu")))
+    with pytest.raises(CheckpointError, match="on 2 processes: it was trained on 1"):
+        train(tiny_config(out, batch_size=2, max_steps=2), resume=True)
+    monkeypatch.undo()
+    # more steps, other logging and saving intervals: fine, and the config on disk says so
+    result = train(tiny_config(out, batch_size=2, max_steps=3, log_every=1, save_every=1), resume=True)
+    assert result["step"] == 3 and [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2, 3]
+    assert load_config(str(out / "config.yaml")).train.max_steps == 3
