@@ -128,7 +128,8 @@ def cmd_eval(args) -> int:
     print(json.dumps({k: v for k, v in summary.items() if k != "gating"}, indent=2))
     if summary["gating"]:
         g = summary["gating"]
-        print(f"gating over {g['num_frames']} frames (usage entropy in nats; log E = {math.log(g['num_experts']):.3f}):")
+        log_e = math.log(g["num_experts"])
+        print(f"gating over {g['num_frames']} frames (usage entropy in nats; log E = {log_e:.3f}):")
         for layer in g["layers"]:
             print(f"  layer {layer['layer']:>2}: usage entropy {layer['usage_entropy']:.3f}  "
                   f"frame entropy {layer['entropy']:.3f}  top experts {layer['top_experts']}")

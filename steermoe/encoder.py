@@ -204,8 +204,9 @@ class SteeredWhisperEncoder(nn.Module):
                 (a padded batch whose longest clip fills the window); False → never.
             output_hidden_states: also return, as transformers does, each layer's input (the embeddings, then
                 the previous layer's steered output) and the final layer-normed output: n_layers + 1 tensors.
-            output_attentions: also return each layer's self-attention weights (B, heads, T_out, T_out); as in
-                transformers, only eager attention produces them (sdpa: an empty tuple and a warning).
+            output_attentions: also return each layer's self-attention weights (B, heads, T_out, T_out), as
+                transformers does: from eager attention; from sdpa, eager's in transformers 4 and none in 5 (an
+                empty tuple and a warning).
             return_dict: False returns a tuple (last_hidden_state, [hidden_states], [attentions], [gating],
                 [attention_mask]).
             return_gating: return the per-steered-layer gates, each (B, T_out, E) float32.

@@ -99,8 +99,9 @@ def evaluate(model, batches: Iterable, *, normalize: Callable[[str], str], max_n
     """Greedy transcripts of every batch, scored against their references.
 
     Returns ``{"utterances", "wer", "cer", "word_errors", "reference_words", "char_errors", "reference_chars",
-    "loss" (mean over target tokens), "gating" (per steered layer, see :class:`~steermoe.analysis.GatingAccumulator`)}``. ``records_path`` receives one JSON line per
-    utterance: ``{"id", "reference", "hypothesis"}`` (raw texts; the scores use their normalised forms).
+    "loss" (mean over target tokens), "gating" (per steered layer, see
+    :class:`~steermoe.analysis.GatingAccumulator`)}``. ``records_path`` receives one JSON line per utterance:
+    ``{"id", "reference", "hypothesis"}`` (raw texts; the scores use their normalised forms).
     """
     from .analysis import GatingAccumulator
     from .train import autocast_for

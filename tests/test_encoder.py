@@ -169,8 +169,9 @@ def test_generate_after_swap(tiny_path):
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_output_attentions_like_transformers(tiny_path, attn):
-    """Attention weights as transformers' encoder returns them: per layer from eager attention, none from sdpa;
-    also through gradient checkpointing, and with a masked padded batch (zero weight on padded keys)."""
+    """Attention weights as transformers' encoder returns them (per layer from eager attention; from sdpa none in
+    transformers 5, eager's in 4); also through gradient checkpointing, and with a masked padded batch (zero
+    weight on padded keys)."""
     from transformers import WhisperForConditionalGeneration
 
     hf = WhisperForConditionalGeneration.from_pretrained(tiny_path, attn_implementation=attn).model.encoder.eval()
@@ -179,7 +180,8 @@ def test_output_attentions_like_transformers(tiny_path, attn):
     x = torch.randn(2, N_MELS, 3000)
     with torch.no_grad():
         want, got = hf(x, output_attentions=True), enc(x, output_attentions=True)
-    assert len(got.attentions) == len(want.attentions) == (N_LAYERS if attn == "eager" else 0)
+    assert len(got.attentions) == len(want.attentions)   # sdpa: none in transformers 5, eager's in 4
+    assert len(got.attentions) == N_LAYERS or attn == "sdpa"
     for a, b in zip(got.attentions, want.attentions):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert enc(x).attentions is None
