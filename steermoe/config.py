@@ -73,7 +73,8 @@ class TrainConfig:
     keep_checkpoints: int = 2             # newest checkpoints kept (0: all)
     gradient_checkpointing: bool = False
     aux_loss_weight: float = 0.0          # load-balancing loss on the router's gating
-    max_nonfinite_steps: int = 10         # consecutive non-finite steps before the run stops
+    max_nonfinite_steps: int = 10         # consecutive non-finite steps before the run stops (float16 overflows
+                                          # while the loss scale is >= 1 do not count: the scaler halves it)
     device: str = "auto"                  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
 
 

@@ -401,7 +401,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
             nonfinite_in_a_row = 0
         else:
             nonfinite_total += 1
-            nonfinite_in_a_row += 1
+            # an overflow of the scaled float16 gradient while the scale is still >= 1 is the scaler finding its
+            # level (it halves the scale), not divergence: it does not count toward max_nonfinite_steps
+            overflow = scaler.is_enabled() and math.isfinite(loss) and loss_scale >= 1
+            nonfinite_in_a_row += 0 if overflow else 1
             say(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}"
                 + (f" at loss scale {loss_scale:g}" if scaler.is_enabled() else "")
                 + f"; step skipped ({nonfinite_in_a_row} in a row, {nonfinite_total} in total)")

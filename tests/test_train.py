@@ -394,12 +394,16 @@ def test_non_finite_losses_skip_the_step_and_repeated_ones_stop(tmp_path, monkey
         assert torch.equal(w1[key], w2[key]) and torch.equal(w3[key], w4[key]), key   # skipped steps: no change
     assert any(not torch.equal(w2[k], w3[k]) for k in w2)
     assert latest_checkpoint(str(tmp_path)) == step_dir(str(tmp_path), 4)       # the stop saves nothing
+    poisoned.add(6)       # resumed at step 4 (one skip in a row), step 5 poisoned again: the count carries on
+    with pytest.raises(TrainingError, match="stopped at step 5: 2 steps in a row"):
+        train(tiny_config(tmp_path, batch_size=4, max_steps=8, save_every=1, max_nonfinite_steps=2), resume=True)
 
 
 def test_float16_scales_the_loss_and_a_resumed_run_keeps_the_scale_and_the_skip_counts(tmp_path, monkeypatch):
     # the token-summed loss at the initial scale 2**16 overflows the float16 backward: the first steps are skipped
-    # (counted) while the scale halves; killed after step 1, the resumed run must carry both on
-    kw = dict(dtype="float16", batch_size=2, max_steps=4, save_every=1)
+    # (counted, but not toward max_nonfinite_steps) while the scale halves; killed after step 1, the resumed run
+    # must carry both on
+    kw = dict(dtype="float16", batch_size=2, max_steps=4, save_every=1, max_nonfinite_steps=1)
     train(tiny_config(tmp_path / "straight", **kw))
     kill_after_saving(monkeypatch, 1)
     with pytest.raises(Killed):
@@ -424,7 +428,7 @@ def test_float16_scales_the_loss_and_a_resumed_run_keeps_the_scale_and_the_skip_
         a, b = (load_training_state(step_dir(str(tmp_path / run), step)) for run in ("straight", "killed"))
         assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] < 2.0 ** 16
         assert (a["nonfinite_total"], a["nonfinite_in_a_row"]) == (b["nonfinite_total"], b["nonfinite_in_a_row"])
-    assert load_training_state(step_dir(str(tmp_path / "killed"), 2))["nonfinite_in_a_row"] == 2
+    assert load_training_state(step_dir(str(tmp_path / "killed"), 2))["nonfinite_in_a_row"] == 0
     assert trained_weights(tmp_path / "straight").keys() == trained_weights(tmp_path / "killed").keys()
     for key, value in trained_weights(tmp_path / "straight").items():
         assert torch.equal(value, trained_weights(tmp_path / "killed")[key]), key
