@@ -41,8 +41,9 @@ git ls-files -z --cached --others --exclude-standard | tar --null --files-from=-
 BUILD_START=$SECONDS
 if ! (cd "$SRC" && TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS="$(nproc)" STEERMOE_BUILD_CUDA=1 \
       pip install -v --no-build-isolation --no-deps -e . > "$WORK/build.log" 2>&1); then
-  tail -n 80 "$WORK/build.log"
-  echo "building the CUDA extension failed" >&2
+  grep -n -i -E "error|killed|fatal" "$WORK/build.log" | grep -v -E "^[0-9]+: +(File|raise|subprocess)" | head -n 40 || true
+  tail -n 30 "$WORK/build.log"
+  echo "building the CUDA extension failed (compiler messages above)" >&2
   exit 1
 fi
 step "built in $((SECONDS - BUILD_START)) s"
