@@ -348,11 +348,11 @@ def kill_after_saving(monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(steermoe.train, "save_checkpoint", save_then_die)
 
 
-def test_killed_run_resumed_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
-    # 5 utterances in batches of 2: three batches an epoch; killed mid-epoch, the resumed run crosses an epoch
-    kw = dict(data="rows5", batch_size=2, max_steps=6, save_every=2, keep_checkpoints=2)
+def train_straight_and_killed(tmp_path, monkeypatch, kill_at: int, **kw) -> None:
+    """The same run twice: ``tmp_path/straight`` uninterrupted, ``tmp_path/killed`` killed right after its
+    step-``kill_at`` checkpoint and resumed."""
     train(tiny_config(tmp_path / "straight", **kw))
-    kill_after_saving(monkeypatch, 2)
+    kill_after_saving(monkeypatch, kill_at)
     with pytest.raises(Killed):
         train(tiny_config(tmp_path / "killed", **kw))
     monkeypatch.undo()
@@ -360,12 +360,21 @@ def test_killed_run_resumed_reproduces_the_uninterrupted_run(tmp_path, monkeypat
         train(tiny_config(tmp_path / "killed", **kw))
     train(tiny_config(tmp_path / "killed", **kw), resume=True)
 
+
+def assert_same_trained_weights(output_dir, other_dir) -> None:
+    ours, theirs = trained_weights(output_dir), trained_weights(other_dir)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_killed_run_resumed_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    # 5 utterances in batches of 2: three batches an epoch; killed mid-epoch, the resumed run crosses an epoch
+    train_straight_and_killed(tmp_path, monkeypatch, 2, data="rows5", batch_size=2, max_steps=6, save_every=2,
+                              keep_checkpoints=2)
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
     assert len(losses(tmp_path / "straight")) == 6
-    straight, resumed = trained_weights(tmp_path / "straight"), trained_weights(tmp_path / "killed")
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
+    assert_same_trained_weights(tmp_path / "straight", tmp_path / "killed")
     assert [s for s, _ in list_checkpoints(str(tmp_path / "killed"))] == [4, 6]      # keep_checkpoints=2
 
 
@@ -403,13 +412,8 @@ def test_float16_scales_the_loss_and_a_resumed_run_keeps_the_scale_and_the_skip_
     # the token-summed loss at the initial scale 2**16 overflows the float16 backward: the first steps are skipped
     # (counted, but not toward max_nonfinite_steps) while the scale halves; killed after step 1, the resumed run
     # must carry both on
-    kw = dict(dtype="float16", batch_size=2, max_steps=4, save_every=1, max_nonfinite_steps=1)
-    train(tiny_config(tmp_path / "straight", **kw))
-    kill_after_saving(monkeypatch, 1)
-    with pytest.raises(Killed):
-        train(tiny_config(tmp_path / "killed", **kw))
-    monkeypatch.undo()
-    train(tiny_config(tmp_path / "killed", **kw), resume=True)
+    train_straight_and_killed(tmp_path, monkeypatch, 1, dtype="float16", batch_size=2, max_steps=4, save_every=1,
+                              max_nonfinite_steps=1)
 
     def records(run):
         return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")}
@@ -429,9 +433,7 @@ def test_float16_scales_the_loss_and_a_resumed_run_keeps_the_scale_and_the_skip_
         assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] < 2.0 ** 16
         assert (a["nonfinite_total"], a["nonfinite_in_a_row"]) == (b["nonfinite_total"], b["nonfinite_in_a_row"])
     assert load_training_state(step_dir(str(tmp_path / "killed"), 2))["nonfinite_in_a_row"] == 0
-    assert trained_weights(tmp_path / "straight").keys() == trained_weights(tmp_path / "killed").keys()
-    for key, value in trained_weights(tmp_path / "straight").items():
-        assert torch.equal(value, trained_weights(tmp_path / "killed")[key]), key
+    assert_same_trained_weights(tmp_path / "straight", tmp_path / "killed")
 
 
 def test_resume_refuses_a_config_that_changes_the_run_and_takes_safe_changes(tmp_path, monkeypatch):
