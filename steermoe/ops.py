@@ -143,6 +143,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_gating, backward_op=_steer_backward_op):
+    if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients have no derivative of their own
+        raise RuntimeError("steermoe: steer() is differentiable once; backward with create_graph=True (double "
+                           "backward) is not supported. For higher derivatives use steermoe.reference.steer_reference")
     y, gating, weight, vectors, scale = ctx.saved_tensors
     if gating.shape[0] != y.shape[0]:
         raise RuntimeError("steermoe: the forward ran without saving the gating, so it cannot be differentiated")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 import steermoe.kernels
+import steermoe.ops
 import steermoe.reference
 from steermoe import available_backends, steer
 from steermoe.reference import steer_reference
@@ -272,6 +273,21 @@ def test_gradcheck_torch_backend(return_gating):
     def fn(*args):
         return steer(*args, return_gating=return_gating, backend="torch")
     assert torch.autograd.gradcheck(fn, _float64_inputs())
+
+
+@pytest.mark.parametrize("path", ["eager", "custom-op"])
+def test_double_backward_raises(path):
+    """create_graph=True raises a clear error on both autograd paths instead of returning a gradient without a
+    derivative (the kernels' backward is not differentiable): the eager autograd.Function and the custom op's
+    torch.library autograd, which torch.compile uses."""
+    x, w, b, v, s = _float64_inputs()
+    rows = x.reshape(-1, x.shape[-1])
+    if path == "eager":
+        y = steer(x, w, b, v, s, backend="torch")
+    else:
+        y = steermoe.ops._steer_forward_op(rows, w, b, v, s.reshape(1), "torch", True)[0]
+    with pytest.raises(RuntimeError, match="differentiable once; backward with create_graph=True"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
 
 
 def test_backward_is_deterministic(backend):
