@@ -2,13 +2,21 @@
 
 On CUDA: CUDA events around each call, L2 flushed before each call, warm-up first, one synchronisation at
 the end, median over the repetitions. On CPU the work is synchronous, so ``time.perf_counter`` per call.
-The L2 flush keeps the GPU busy while Python prepares the timed call, so these are device times; for calls too
-small to hide their Python and launch overhead, :func:`per_call_us` times calls back to back instead.
+
+The CUDA-event window holds GPU work only. After the flush the host still needs time to launch the timed call
+(Python, autograd, the launches: tens of µs, more than a 30–60 µs kernel takes), and with nothing queued the
+GPU would sit idle inside the window. So each repetition queues flush → a device-side spin
+(``torch.cuda._sleep``) → start event → the call → end event: the spin keeps the GPU busy while the host
+launches the call, and it ends before the start event. The spin lasts twice the host's launch time of the
+call (measured during warm-up) plus 50 µs; it is outside the window and costs only wall time.
+CUDA-graph replay would also hide the launches, but it times a different thing (no per-call launch work,
+static inputs) and cannot capture every implementation compared here (torch.compile's first calls, autograd).
+For calls too small to hide their Python and launch overhead, :func:`per_call_us` times calls back to back.
 """
 import functools
 import statistics
 import time
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -23,13 +31,20 @@ def median_ms(fn: Callable[[Any], Any], setup: Optional[Callable[[], Any]] = Non
     Repetitions: enough to fill ``budget_s`` of measured time, within [min_reps, max_reps].
     """
     prepare = setup if setup is not None else (lambda: None)
-    estimate = min(_time_calls(fn, prepare, warmup))
-    reps = int(min(max_reps, max(min_reps, budget_s * 1e3 / max(estimate, 1e-3))))
-    return statistics.median(_time_calls(fn, prepare, reps))
+    times, launch_ms = _time_calls(fn, prepare, warmup, _MAX_SPIN_MS)
+    reps = int(min(max_reps, max(min_reps, budget_s * 1e3 / max(min(times), 1e-3))))
+    return statistics.median(_time_calls(fn, prepare, reps, 2 * launch_ms + 0.05)[0])
 
 
-def _time_calls(fn: Callable[[Any], Any], prepare: Callable[[], Any], reps: int) -> List[float]:
-    """Milliseconds of ``fn(prepare())``, ``reps`` times."""
+_MAX_SPIN_MS = 20.0  # the spin before a call whose launch time is not yet known (warm-up)
+
+
+def _time_calls(fn: Callable[[Any], Any], prepare: Callable[[], Any], reps: int,
+                spin_ms: float) -> Tuple[List[float], float]:
+    """(milliseconds of ``fn(prepare())``, ``reps`` times; the host's time to launch the last call, ms).
+
+    On CUDA each call's events are preceded by the L2 flush and a device-side spin of ``spin_ms``
+    (at most :data:`_MAX_SPIN_MS`), see the module docstring."""
     if DEVICE.type != "cuda":
         times = []
         for _ in range(reps):
@@ -37,19 +52,36 @@ def _time_calls(fn: Callable[[Any], Any], prepare: Callable[[], Any], reps: int)
             start = time.perf_counter()
             fn(arg)
             times.append((time.perf_counter() - start) * 1e3)
-        return times
+        return times, 0.0
     flush = _l2_flush_buffer()
-    events = []
+    cycles = int(min(spin_ms, _MAX_SPIN_MS) * _spin_cycles_per_ms())
+    events, launch_ms = [], 0.0
     for _ in range(reps):
         arg = prepare()
         flush.zero_()
+        torch.cuda._sleep(cycles)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        launched = time.perf_counter()
         start.record()
         fn(arg)
         end.record()
+        launch_ms = (time.perf_counter() - launched) * 1e3
         events.append((start, end))
     torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
+    return [start.elapsed_time(end) for start, end in events], launch_ms
+
+
+@functools.lru_cache(maxsize=1)
+def _spin_cycles_per_ms() -> float:
+    """GPU clock cycles ``torch.cuda._sleep`` spins per millisecond, measured once."""
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles // 10)  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / max(start.elapsed_time(end), 1e-3)
 
 
 @functools.lru_cache(maxsize=1)
