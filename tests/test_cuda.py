@@ -25,8 +25,8 @@ from torch import Tensor
 import steermoe._cuda
 import steermoe.ops
 from steermoe import available_backends, steer
-from test_ops import (DTYPES, GRAD_NAMES, SIZES, VARIANTS, Case, _differentiable, assert_close, make_inputs,
-                      reference_results)
+from steermoe.testing import GRAD_NAMES, Case, assert_close, differentiable, make_inputs, reference_results
+from test_ops import DTYPES, SIZES, VARIANTS
 
 BUILD_HINT = "STEERMOE_BUILD_CUDA=1 pip install --no-build-isolation -e ."
 
@@ -47,7 +47,7 @@ def _results(args, backend: str, dy: Tensor, dgating: Tensor = None) -> dict:
     """{name: tensor} for y, gating and the gradient of every differentiable argument."""
     y, gating = steer(*args, return_gating=True, backend=backend)
     outputs, upstream = ([y, gating], [dy, dgating]) if dgating is not None else ([y], [dy])
-    grads = torch.autograd.grad(outputs, _differentiable(args), upstream)
+    grads = torch.autograd.grad(outputs, differentiable(args), upstream)
     names = ["y", "gating"] + [n for n, a in zip(GRAD_NAMES, args) if isinstance(a, Tensor) and a.requires_grad]
     return dict(zip(names, (y, gating, *grads)))
 

@@ -8,8 +8,7 @@ Shapes are tiny on purpose: the interpreter costs about a millisecond per progra
 import importlib
 import re
 import zlib
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Tuple
 
 import pytest
 import torch
@@ -20,6 +19,8 @@ import steermoe.ops
 import steermoe.reference
 from steermoe import available_backends, steer
 from steermoe.reference import steer_reference
+from steermoe.testing import (GRAD_NAMES, TOLERANCE, Case, assert_close, check_against_reference, differentiable,
+                              make_inputs, reference_results)
 
 HAS_CUDA = torch.cuda.is_available()
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -28,11 +29,6 @@ BACKENDS = [
     pytest.param(("triton", KERNEL_DEVICE), id="triton"),
     pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
 ]
-GRAD_NAMES = ("dx", "dW", "db", "dV", "ds")  # gradients of (x, W, b, V, scale)
-# Error bound relative to the size of the terms each result sums (see _error_scales). Low-precision results are
-# held to a few ulps of x's dtype: y and dx are stored in it (the interpreter truncates instead of rounding: one
-# ulp), and the backward recomputes x from the rounded y, which puts the same relative error into dW.
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 4 * 2 ** -7, torch.float16: 4 * 2 ** -10}
 
 
 @pytest.fixture(autouse=True)
@@ -48,127 +44,6 @@ def backend(request) -> Tuple[str, str]:
     if name == "cuda" and why != "available":
         pytest.skip(why)
     return name, device
-
-
-# ----------------------------------------------------------------------------------------------- inputs
-@dataclass(frozen=True)
-class Case:
-    """One input configuration: x's shape (..., D), layout and dtype; the parameters' dtypes; bias; scale."""
-    shape: Tuple[int, ...] = (37, 100)
-    experts: int = 8
-    dtype: torch.dtype = torch.float32
-    params: str = "fp32"        # "fp32"; "x": x's dtype; "mixed": W fp32, b and V in x's dtype
-    bias: bool = True
-    scale: str = "0d"           # "float", "0d" (0-dim tensor) or "1el" ((1,) tensor); tensors require grad
-    layout: str = "contiguous"  # "transposed": D is the strided dim; "swapped": leading dims swapped; "sliced"
-
-    def __str__(self):
-        dims = "x".join(map(str, self.shape))
-        return (f"E{self.experts}-{dims}-{str(self.dtype)[6:]}-p{self.params}-{'b' if self.bias else 'nob'}"
-                f"-s{self.scale}-{self.layout}")
-
-
-def _make_x(case: Case, device: str) -> Tensor:
-    """x of ``case.shape`` requiring grad; a view of a larger leaf unless the layout is contiguous."""
-    shape, opts = case.shape, dict(dtype=case.dtype, device=device)
-    if case.layout == "contiguous":
-        return torch.randn(shape, **opts).requires_grad_()
-    if case.layout == "transposed":
-        return torch.randn(shape[-1], *shape[:-1], **opts).requires_grad_().movedim(0, -1)
-    if case.layout == "swapped":
-        return torch.randn(shape[1], shape[0], *shape[2:], **opts).requires_grad_().transpose(0, 1)
-    if case.layout == "sliced":
-        base = torch.randn(2 * shape[0], *shape[1:-1], shape[-1] + 5, **opts).requires_grad_()
-        return base[::2, ..., 2:2 + shape[-1]]
-    raise ValueError(f"unknown layout {case.layout!r}")
-
-
-def make_inputs(case: Case, device: str) -> list:
-    """[x, W, b | None, V, scale]: random, never zero; logits of order one so the gating is far from uniform."""
-    e, d = case.experts, case.shape[-1]
-    low = case.dtype
-    w_dtype, bv_dtype = {"fp32": (torch.float32,) * 2, "x": (low, low), "mixed": (torch.float32, low)}[case.params]
-
-    def param(*shape, dtype, std=1.0):
-        return (torch.randn(shape, device=device) * std).to(dtype).requires_grad_()
-
-    scale = 0.25 + torch.rand(()).item()
-    if case.scale != "float":
-        scale = torch.full(() if case.scale == "0d" else (1,), scale, dtype=w_dtype, device=device,
-                           requires_grad=True)
-    return [_make_x(case, device), param(e, d, dtype=w_dtype, std=2 / max(d, 1) ** 0.5),
-            param(e, dtype=bv_dtype) if case.bias else None, param(e, d, dtype=bv_dtype), scale]
-
-
-def _requires_grad(a) -> bool:
-    return isinstance(a, Tensor) and a.requires_grad
-
-
-def _differentiable(args) -> list:
-    return [a for a in args if _requires_grad(a)]
-
-
-def _error_scales(args, gating: Tensor, dy: Tensor, dgating: Optional[Tensor]) -> Dict[str, Tensor]:
-    """How large each result's rounding error may be, up to the dtype's epsilon (float64, from the oracle).
-
-    Sums over rows use the root of the summed squares (rounding errors of independent terms add like a random
-    walk) and the softmax gradient the absolute values of its terms, so cancelling results such as
-    ds = Σ g·(dy Vᵀ) are not held to more digits than their terms carry.
-    """
-    x, w, _, v, s = (a.detach().double() if isinstance(a, Tensor) else a for a in args)
-    e, d = w.shape
-    x, g, dy = x.reshape(-1, d), gating.detach().reshape(-1, e), dy.double().reshape(-1, d)
-    s = s.abs() if isinstance(s, Tensor) else abs(s)
-    u = dy @ v.t()
-    dg = (s * u + (0.0 if dgating is None else dgating.double().reshape(-1, e))).abs()
-    dlogits = g * (dg + (g * dg).sum(-1, keepdim=True))
-    y = x.abs() + s * (g @ v.abs())
-    return {"y": y, "gating": g, "dx": dy.abs() + dlogits @ w.abs(), "dW": (dlogits.t() ** 2 @ y ** 2).sqrt(),
-            "db": (dlogits ** 2).sum(0).sqrt(), "dV": s * (g.t() ** 2 @ dy ** 2).sqrt(), "ds": (g * u).norm()}
-
-
-def reference_results(args, dy: Tensor, dgating: Optional[Tensor] = None) -> Dict[str, Tuple[Tensor, float]]:
-    """Float64 oracle: {name: (expected, error scale)} for y, gating and the gradient of every differentiable
-    argument (dx, dW, db, dV, ds), given the upstream gradients dy (and dgating, for a loss on the gating)."""
-    ref_args = [a.detach().double().requires_grad_(a.requires_grad) if isinstance(a, Tensor) else a for a in args]
-    y, gating = steer_reference(*ref_args)
-    outputs, upstream = [y], [dy.double()]
-    if dgating is not None:
-        outputs.append(gating)
-        upstream.append(dgating.double())
-    grads = torch.autograd.grad(outputs, _differentiable(ref_args), upstream)
-    names = ["y", "gating"] + [n for n, a in zip(GRAD_NAMES, args) if _requires_grad(a)]
-    scales = _error_scales(args, gating, dy, dgating)
-    return {n: (t.detach(), scales[n].max().item() if scales[n].numel() else 0.0)
-            for n, t in zip(names, (y, gating, *grads))}
-
-
-def assert_close(actual: Tensor, expected: Tensor, scale: float, dtype: torch.dtype, what: str) -> None:
-    """max |actual − expected| ≤ TOLERANCE[dtype] · max(scale, max |expected|), for tensors of equal shape."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    if expected.numel() == 0:
-        return
-    err = (actual.double() - expected).abs().max().item()
-    bound = TOLERANCE[dtype] * max(scale, expected.abs().max().item())
-    assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
-
-
-def check_against_reference(case: Case, backend: Tuple[str, str], gating_grad: bool = False) -> None:
-    """steer's y, gating and every gradient vs the float64 oracle; gradients keep their argument's dtype."""
-    name, device = backend
-    args = make_inputs(case, device)
-    x = args[0]
-    y, gating = steer(*args, return_gating=True, backend=name)
-    assert y.dtype == x.dtype and gating.dtype == torch.float32
-    assert gating.shape == (*x.shape[:-1], case.experts)
-    dy = torch.randn_like(y)
-    dgating = torch.randn_like(gating) if gating_grad else None
-    outputs, upstream = ([y, gating], [dy, dgating]) if gating_grad else ([y], [dy])
-    grads = torch.autograd.grad(outputs, _differentiable(args), upstream)
-    for grad, arg in zip(grads, _differentiable(args)):
-        assert grad.dtype == arg.dtype, f"gradient dtype {grad.dtype}, expected the argument's {arg.dtype}"
-    for (what, (expected, scale)), actual in zip(reference_results(args, dy, dgating).items(), (y, gating, *grads)):
-        assert_close(actual, expected, scale, case.dtype, what)
 
 
 # ------------------------------------------------------------------------------------ numerics vs oracle
@@ -252,7 +127,7 @@ def test_extreme_logits_stay_finite(backend, dtype):
     y, gating = steer(*args, return_gating=True, backend=name)
     logits = args[0].detach().float() @ w.detach().float().t() + b.detach().float()
     assert 4e3 < logits.abs().max() <= 1e4
-    grads = torch.autograd.grad(y, _differentiable(args), torch.randn_like(y))
+    grads = torch.autograd.grad(y, differentiable(args), torch.randn_like(y))
     for t in (y, gating, *grads):
         assert torch.isfinite(t).all()
     torch.testing.assert_close(gating.sum(-1), torch.ones(gating.shape[:-1], device=device))
@@ -298,7 +173,7 @@ def test_backward_is_deterministic(backend):
 
     def run():
         y = steer(*args, backend=name)
-        return (y, *torch.autograd.grad(y, _differentiable(args), dy))
+        return (y, *torch.autograd.grad(y, differentiable(args), dy))
     for first, second in zip(run(), run()):
         assert torch.equal(first, second)
 
@@ -316,7 +191,7 @@ def test_cuda_graph_capture(name):
 
     def step():
         y = steer(*args, backend=name)
-        return (y, *torch.autograd.grad(y, _differentiable(args), dy))
+        return (y, *torch.autograd.grad(y, differentiable(args), dy))
 
     expected = step()
     side = torch.cuda.Stream()
@@ -509,6 +384,6 @@ def test_compile_fullgraph_matches_eager():
     results = []
     for f in (fn, compiled):
         y, gating = f(*args)
-        results.append((y, gating, *torch.autograd.grad([y, gating], _differentiable(args), [dy, dgating])))
+        results.append((y, gating, *torch.autograd.grad([y, gating], differentiable(args), [dy, dgating])))
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager, rtol=TOLERANCE[torch.bfloat16], atol=1e-5)
