@@ -1,0 +1,45 @@
+"""The headline correctness check (``python -m benchmarks.headline_check``) at a reduced row count: on CPU the
+Triton backend runs in Triton's interpreter, whose persistent backward has INTERPRETER_PROGRAMS programs, so 400
+rows give each program more than four row blocks and the accumulation across row blocks runs."""
+import json
+
+import pytest
+
+pytest.importorskip("triton")
+from benchmarks import headline_check  # noqa: E402
+
+ARGS = ["--batch", "2", "--frames", "200", "--dim", "48", "--experts", "4"]
+
+
+def test_triton_matches_the_oracle_with_several_row_blocks_per_program(tmp_path, capsys):
+    out = tmp_path / "headline-triton.json"
+    assert headline_check.main(["--backend", "triton", *ARGS, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["passed"] and result["shape"]["rows"] == 400
+    assert min(result["shape"]["row_blocks_per_program"].values()) >= 4
+    runs = {(r["dtype"], r["loss"]) for r in result["rows"]}
+    assert runs == {(d, loss) for d in ("bf16", "fp16", "fp32") for loss in ("y", "y+gating")}
+    tensors = {r["tensor"] for r in result["rows"]}
+    assert tensors == {"y", "gating", "dx", "dW", "db", "dV", "ds"}
+    assert all(0 <= r["max_error"] <= r["bound"] and r["ok"] for r in result["rows"])
+    assert "headline check triton: passed" in capsys.readouterr().out
+
+
+def test_an_error_over_its_bound_fails_the_check(tmp_path, monkeypatch):
+    """A backend whose dW misses one row block's contribution is caught (exit 1, the failing rows marked)."""
+    import steermoe.kernels
+
+    shipped = steermoe.kernels.steer_backward
+
+    def dropped_block(grad_y, y, gating, weight, vectors, scale, grad_gating=None):
+        dx, dw, db, dv, ds = shipped(grad_y, y, gating, weight, vectors, scale, grad_gating)
+        partial = shipped(grad_y[:32], y[:32], gating[:32], weight, vectors, scale,
+                          None if grad_gating is None else grad_gating[:32])
+        return dx, dw - partial[1], db, dv, ds
+
+    monkeypatch.setattr(steermoe.kernels, "steer_backward", dropped_block)
+    out = tmp_path / "headline-triton.json"
+    assert headline_check.main(["--backend", "triton", *ARGS, "--dtype", "fp32", "--out", str(out)]) == 1
+    result = json.loads(out.read_text())
+    assert not result["passed"]
+    assert {r["tensor"] for r in result["rows"] if not r["ok"]} == {"dW"}
