@@ -1,6 +1,7 @@
 """Time launch configurations of the Triton kernels at one shape, to choose ``launch_config``'s.
 
     python -m benchmarks.tune [--rows 24000] [--dim 1280] [--experts 8] [--dtype bf16] [--kernel forward backward]
+                               [--budget-s S]
 
 Every candidate (BLOCK_M, BLOCK_D, num_warps, num_stages and, for the backward, programs per SM) runs through
 the real launcher; its outputs are checked against the shipped configuration's (the same math, so equal to
@@ -16,7 +17,8 @@ import argparse
 import itertools
 import json
 import os
-from typing import Callable, Dict, List
+import time
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -37,14 +39,15 @@ GRID = {  # candidate values; E, E_PAD and PRECISION always come from launch_con
 
 
 def candidates(kernel: str, dim: int, dtype: torch.dtype, experts: int, grid: Dict[str, tuple]) -> List[dict]:
-    """The shipped configuration first, then every combination of ``grid``'s values."""
+    """The shipped configuration first, then every combination of ``grid``'s values, nearest the shipped first
+    (fewest values changed), so that a time budget tries its neighbours before the far corners."""
     shipped = kernels.launch_config(kernel, dim, dtype, experts)
     out = [shipped]
     for values in itertools.product(*grid.values()):
         config = {**shipped, **dict(zip(grid, values))}
         if config not in out:
             out.append(config)
-    return out
+    return [shipped] + sorted(out[1:], key=lambda c: sum(c[k] != shipped[k] for k in grid))
 
 
 def runner(kernel: str, inp: OpInputs) -> Callable[[dict], tuple]:
@@ -64,14 +67,19 @@ def _close(outputs: tuple, expected: tuple) -> bool:
 
 
 def tune(kernel: str, rows: int, dim: int, experts: int, dtype: torch.dtype, copy_gbps: float,
-         grid: Dict[str, tuple], compile_top: int) -> List[dict]:
-    """One row per candidate: config, ``us``, ``gbps``, ``copy_pct``, ``error``; sorted fastest first."""
+         grid: Dict[str, tuple], compile_top: int, budget_s: Optional[float] = None) -> List[dict]:
+    """One row per candidate tried: config, ``us``, ``gbps``, ``copy_pct``, ``error``; sorted fastest first.
+    With ``budget_s``, no candidate after the shipped one starts once that many seconds have passed."""
     run = runner(kernel, make_inputs(OpCase(1, rows, dim, experts, dtype)))
     configs = candidates(kernel, dim, dtype, experts, grid)
     expected = run(configs[0])
     nbytes = min_bytes(MODES[kernel], rows, dim, experts, torch.finfo(dtype).bits // 8)
     results = []
+    start = time.perf_counter()
     for i, config in enumerate(configs):
+        if i and budget_s is not None and time.perf_counter() - start > budget_s:
+            print(f"{kernel}: time budget of {budget_s:g} s spent, {len(configs) - i} candidates not tried")
+            break
         row = dict(kernel=kernel, shipped=i == 0, config=config, us=None, gbps=None, copy_pct=None, error=None)
         try:
             if not _close(run(config), expected):
@@ -113,6 +121,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="x's dtype")
     parser.add_argument("--kernel", nargs="+", choices=sorted(GRID), default=["forward", "backward"])
     parser.add_argument("--compile-top", type=int, default=8, help="read registers of the fastest N candidates")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="per kernel: start no candidate after this many seconds (neighbours of the shipped first)")
     parser.add_argument("--grid", type=json.loads, default=None,
                         help='candidate values as JSON, replacing the default grid\'s keys, e.g. \'{"BLOCK_M": [32]}\'')
     parser.add_argument("--out", default=None, help="write the environment and all rows as JSON")
@@ -127,7 +137,7 @@ def main(argv=None) -> None:
     for kernel in args.kernel:
         grid = {k: tuple(v) for k, v in {**GRID[kernel], **(args.grid or {})}.items() if k in GRID[kernel]}
         found = tune(kernel, args.rows, args.dim, args.experts, DTYPES[args.dtype], env["copy_gbps"], grid,
-                     args.compile_top)
+                     args.compile_top, args.budget_s)
         print("\n".join(lines(found)), flush=True)
         rows += found
     if args.out:

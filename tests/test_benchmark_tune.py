@@ -30,6 +30,20 @@ def test_every_candidate_is_checked_and_timed(tmp_path, capsys):
     assert "forward (shipped)" in printed and "backward (shipped)" in printed
 
 
+def test_a_time_budget_tries_the_shipped_configuration_and_its_neighbours_first(tmp_path, capsys):
+    grid = {"BLOCK_M": (16, 32, 64), "BLOCK_D": (16, 32), "num_warps": (4, 8)}
+    found = tune.candidates("forward", 33, torch.float32, 3, grid)
+    shipped = found[0]
+    changed = [sum(c[k] != shipped[k] for k in grid) for c in found]
+    assert changed[0] == 0 and changed == sorted(changed) and len(found) == 1 + 3 * 2 * 2  # shipped BLOCK_D 64
+    out = tmp_path / "tune.json"
+    tune.main(["--rows", "37", "--dim", "33", "--experts", "3", "--dtype", "fp32", "--grid", json.dumps(TINY_GRID),
+               "--budget-s", "0", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kernel"], r["shipped"]) for r in rows] == [("forward", True), ("backward", True)]
+    assert "backward: time budget of 0 s spent, 4 candidates not tried" in capsys.readouterr().out
+
+
 def test_a_candidate_with_other_outputs_is_rejected():
     a = torch.randn(50, 7)
     assert tune._close((a, a[:, 0]), (a + 1e-5, a[:, 0]))
