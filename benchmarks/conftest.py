@@ -1,19 +1,16 @@
 """Benchmark session setup: device choice, options, shared fixtures, the summary table and the JSON.
 
-Without a GPU the Triton kernels can only run in Triton's CPU interpreter; TRITON_INTERPRET is read when the
-kernels are decorated, so it is set here, before anything imports steermoe. CPU timings use one thread: on a
-small shared CI machine, multi-threaded kernels stall whenever another process takes a core.
+Without a GPU the Triton kernels run in Triton's CPU interpreter (the ``benchmarks`` package sets
+TRITON_INTERPRET before anything imports steermoe). CPU timings use one thread: on a small shared CI machine,
+multi-threaded kernels stall whenever another process takes a core.
 """
 import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from benchmarks.report import Results, environment, summary_lines  # noqa: E402
-from benchmarks.timing import DEVICE, copy_bandwidth_gbps  # noqa: E402
+from benchmarks.report import Results, environment, summary_lines
+from benchmarks.timing import DEVICE, copy_bandwidth_gbps
 
 _RESULTS = pytest.StashKey[Results]()
 _COPY_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}
@@ -21,8 +18,8 @@ _COPY_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}
 
 def pytest_addoption(parser):
     group = parser.getgroup("steermoe benchmarks")
-    group.addoption("--bench-sweep", choices=("auto", "small", "full"), default="auto",
-                    help="op shapes: full (GPU default) or small (CPU default)")
+    group.addoption("--bench-sweep", choices=("auto", "small", "headline", "full"), default="auto",
+                    help="op shapes: full (GPU default), headline (16x1500 x 1280, E=8, bf16) or small (CPU default)")
     group.addoption("--bench-out", metavar="DIR", default=None,
                     help="write the summary rows and environment to DIR/NAME.json, also while running")
     group.addoption("--bench-name", metavar="NAME", default="summary", help="the JSON's name in --bench-out")

@@ -7,25 +7,21 @@ For each x dtype, two losses: one on y, one on y and the gating (as a load-balan
 compares y, the gating and every gradient (dx, dW, db, dV, ds) with :mod:`steermoe.testing`'s oracle and
 tolerances, the tests' own. At B=16, T=1500 every program of the persistent backward owns several row
 blocks, so the accumulation of its partial sums across row blocks really runs (``row_blocks_per_program``
-in the JSON). Without a GPU the Triton backend runs in Triton's interpreter (TRITON_INTERPRET=1, set here
-before the kernels are imported): keep the shape small there. Exits 1 when any error exceeds its bound.
+in the JSON). Without a GPU the Triton backend runs in Triton's interpreter (TRITON_INTERPRET=1, set by the
+``benchmarks`` package): keep the shape small there. Exits 1 when any error exceeds its bound.
 """
 import argparse
 import json
-import os
 import sys
 import time
 from typing import List
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from steermoe.testing import Case, errors_against_reference
 
-from steermoe.testing import Case, errors_against_reference  # noqa: E402
-
-from .impls import DTYPE_NAMES  # noqa: E402
-from .report import environment, format_table  # noqa: E402
+from .impls import DTYPE_NAMES
+from .report import environment, format_table
 
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 LOSSES = {"y": False, "y+gating": True}  # loss name: whether the gating's gradient enters

@@ -57,6 +57,7 @@ class OpCase:
 
 def sweep(size: str) -> List[OpCase]:
     """``full``: rows 1.5k..48k (B = 1, 4, 16, 32 × 1500 frames), D ∈ {384, 1280}, E ∈ {4, 8, 16}, bf16 and fp32.
+    ``headline``: B = 16 × 1500 frames, D = 1280, E = 8, bf16 (the shape the targets name).
     ``small``: rows 384 and 1536, D = 384, E = 8, fp32 and bf16. ``auto``: full on a GPU, else small.
     Ordered so that consecutive cases reuse one compiled graph."""
     if size == "auto":
@@ -64,10 +65,12 @@ def sweep(size: str) -> List[OpCase]:
     if size == "full":
         grid = [(b, FRAMES, d, e, dt) for dt in (torch.bfloat16, torch.float32) for d in (384, 1280)
                 for e in (4, 8, 16) for b in (1, 4, 16, 32)]
+    elif size == "headline":
+        grid = [(16, FRAMES, HEADLINE["dim"], HEADLINE["experts"], HEADLINE["dtype"])]
     elif size == "small":
         grid = [(b, 384, 384, 8, dt) for dt in (torch.float32, torch.bfloat16) for b in (1, 4)]
     else:
-        raise ValueError(f"sweep size must be 'auto', 'full' or 'small'; got {size!r}")
+        raise ValueError(f"sweep size must be 'auto', 'full', 'headline' or 'small'; got {size!r}")
     return [OpCase(*g) for g in grid]
 
 
