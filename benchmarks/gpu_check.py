@@ -11,10 +11,10 @@ the check's budget of 540 s):
     triton-tests         120      180       240    tests/test_ops.py and tests/test_timing.py on the GPU (Triton)
     cuda-headline         40      120       330    the same check of the CUDA extension (waits for its build)
     cuda-tests            60      100       400    tests/test_cuda.py and test_ops.py's cuda cases, graph capture
-    bench                 90      120       430    the headline shape: every implementation, fwd / bwd / fwd+bwd
-    memory                30       60       470    saved activations and peak CUDA memory
-    tune                  40       60       480    a small launch-configuration tune (neighbours of the shipped)
-                         440
+    bench                 90      120       420    the headline shape: every implementation, fwd / bwd / fwd+bwd
+    memory                30       60       450    saved activations and peak CUDA memory
+    tune                  45       75       465    a small launch-configuration tune (neighbours of the shipped)
+                         445
 
 The CUDA extension is built in the background from the start (``setup.py build_ext --inplace``, for the visible
 GPU's architecture only, ``cuda-build.log``) while the Triton stages run; a stage that needs it waits for it only
@@ -48,10 +48,10 @@ NAMED = ("op", "models")
 
 @dataclass
 class Stage:
-    """One stage: its commands (run in order, each an argv), limits in seconds, and what it needs of the CUDA
-    build: "" nothing, "wait" (it uses the extension when built), "require" (it checks the extension)."""
+    """One stage: its command (an argv), limits in seconds, and what it needs of the CUDA build: "" nothing,
+    "wait" (it uses the extension when built), "require" (it checks the extension)."""
     name: str
-    commands: List[List[str]]
+    command: List[str]
     predicted_s: float
     timeout_s: float
     start_by_s: float
@@ -112,23 +112,21 @@ def default_stages(out: str, on_cpu: bool) -> List[Stage]:
     headline = CPU_HEADLINE if on_cpu else ()
     cuda = "wait" if on_cpu else "require"  # on CPU the CUDA stages run the torch backend
     return [
-        Stage("triton-headline", [_py("-m", "benchmarks.headline_check", "--backend", "triton", *headline,
-                                      "--out", os.path.join(out, "headline-triton.json"))], 60, 150, 60),
-        Stage("triton-tests", [_pytest("tests/test_ops.py", "tests/test_timing.py",
-                                       "-k", CPU_TRITON_TESTS if on_cpu else TRITON_TESTS)], 120, 180, 240),
-        Stage("cuda-headline", [_py("-m", "benchmarks.headline_check", "--backend", "torch" if on_cpu else "cuda",
-                                    *headline, "--out", os.path.join(out, "headline-cuda.json"))], 40, 120, 330,
+        Stage("triton-headline", _py("-m", "benchmarks.headline_check", "--backend", "triton", *headline,
+                                     "--out", os.path.join(out, "headline-triton.json")), 60, 150, 60),
+        Stage("triton-tests", _pytest("tests/test_ops.py", "tests/test_timing.py",
+                                      "-k", CPU_TRITON_TESTS if on_cpu else TRITON_TESTS), 120, 180, 240),
+        Stage("cuda-headline", _py("-m", "benchmarks.headline_check", "--backend", "torch" if on_cpu else "cuda",
+                                   *headline, "--out", os.path.join(out, "headline-cuda.json")), 40, 120, 330,
               build=cuda),
-        Stage("cuda-tests", [_pytest("tests/test_cuda.py", "tests/test_ops.py", "-m", "not slow", "-k",
-                                     "cuda" if not on_cpu else "missing_extension or graph_capture")],
+        Stage("cuda-tests", _pytest("tests/test_cuda.py", "tests/test_ops.py", "-m", "not slow",
+                                    "-k", "missing_extension or graph_capture" if on_cpu else "cuda"),
               60, 100, 400, build=cuda),
-        Stage("bench", [_bench(out, "bench", "benchmarks/test_op.py",
-                               "--bench-sweep", "small" if on_cpu else "headline",
-                               *(("-k", "384x384-E8-fp32 or 64x64") if on_cpu else ()))], 90, 120, 430,
-              build="wait"),
-        Stage("memory", [_bench(out, "memory", "benchmarks/test_memory.py")], 30, 60, 470, build="wait"),
-        Stage("tune", [_py("-m", "benchmarks.tune", *(CPU_TUNE if on_cpu else ("--budget-s", "15")),
-                           "--compile-top", "2", "--out", os.path.join(out, "tune.json"))], 40, 60, 480),
+        Stage("bench", _bench(out, "bench", "benchmarks/test_op.py", "--bench-sweep", "small" if on_cpu else "headline",
+                              *(("-k", "384x384-E8-fp32 or 64x64") if on_cpu else ())), 90, 120, 420, build="wait"),
+        Stage("memory", _bench(out, "memory", "benchmarks/test_memory.py"), 30, 60, 450, build="wait"),
+        Stage("tune", _py("-m", "benchmarks.tune", *(CPU_TUNE if on_cpu else ("--budget-s", "15")),
+                          "--compile-top", "2", "--out", os.path.join(out, "tune.json")), 45, 75, 465),
     ]
 
 
@@ -136,13 +134,13 @@ def named_stage(name: str, out: str, on_cpu: bool) -> Stage:
     """``op``, ``op:EXPR`` or ``models``: the sweeps for longer leases (no start deadline: named on purpose)."""
     sweep = "small" if on_cpu else "full"
     if name == "models":
-        return Stage(name, [_bench(out, "models", "benchmarks/test_memory.py", "benchmarks/test_overhead.py",
-                                   "benchmarks/test_encoder.py", "benchmarks/test_train_step.py",
-                                   "--bench-sweep", sweep)], 300, 600, BUDGET_S, build="wait")
+        return Stage(name, _bench(out, "models", "benchmarks/test_memory.py", "benchmarks/test_overhead.py",
+                                  "benchmarks/test_encoder.py", "benchmarks/test_train_step.py",
+                                  "--bench-sweep", sweep), 300, 600, BUDGET_S, build="wait")
     expr = name[3:]
     file_name = "op" if not expr else "op-" + "".join(c if c.isalnum() or c == "." else "_" for c in expr)
-    return Stage(name, [_bench(out, file_name, "benchmarks/test_op.py", "--bench-sweep", sweep,
-                               *(("-k", expr) if expr else ()))], 600, 600, BUDGET_S, build="wait")
+    return Stage(name, _bench(out, file_name, "benchmarks/test_op.py", "--bench-sweep", sweep,
+                              *(("-k", expr) if expr else ())), 600, 600, BUDGET_S, build="wait")
 
 
 def select(names: Sequence[str], out: str, on_cpu: bool) -> List[Stage]:
@@ -258,17 +256,13 @@ def _run_stage(stage: Stage, out: str, build: Build, env: Dict[str, str], timeou
             return
         if why:
             print(f"{stage.name}: without the CUDA extension: {why}", flush=True)
-    stage.cpu_s = 0.0
-    for argv in stage.commands:
-        code, cpu = run_command(argv, log_path, timeout_s - (clock() - begin), env)
-        stage.cpu_s += cpu
-        if code is None:
-            stage.status, stage.reason = "timeout", f"killed after its {stage.timeout_s:.0f} s timeout"
-            return
-        if code not in (0, 5):        # pytest's 5: nothing collected
-            stage.status, stage.reason = "failed", f"exit {code}, see {stage.log}"
-            return
-    stage.status = "passed"
+    code, stage.cpu_s = run_command(stage.command, log_path, timeout_s - (clock() - begin), env)
+    if code is None:
+        stage.status, stage.reason = "timeout", f"killed after {timeout_s:.0f} s (its timeout or the budget's end)"
+    elif code not in (0, 5):        # pytest's 5: nothing collected
+        stage.status, stage.reason = "failed", f"exit {code}, see {stage.log}"
+    else:
+        stage.status = "passed"
 
 
 def start_build(out: str, env: Dict[str, str], on_cpu: bool) -> Build:
@@ -301,7 +295,7 @@ def write_results(stages: List[Stage], out: str, build: Build, budget_s: float) 
     lines = format_table(["stage", "status", "s", "predicted s", "timeout s", "start by s", "cpu s", "reason"],
                          [[s.name, s.status, s.seconds, s.predicted_s, s.timeout_s, s.start_by_s, s.cpu_s, s.reason]
                           for s in stages])
-    lines.append(f"CUDA extension build: {build.status}{' ' + build.reason if build.reason else ''}"
+    lines.append(f"CUDA extension build: {build.status}{f' ({build.reason})' if build.reason else ''}"
                  f"{f', {build.seconds:.0f} s' if build.seconds else ''}")
     lines += _stage_summaries(out)
     with open(os.path.join(out, "summary.txt"), "w") as f:

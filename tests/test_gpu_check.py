@@ -35,12 +35,11 @@ def test_default_stages_in_order_with_the_limits_the_header_states():
     starts = [s.start_by_s for s in stages]
     assert starts == sorted(starts) and starts[-1] < gpu_check.BUDGET_S
     assert sum(s.predicted_s for s in stages) <= gpu_check.BUDGET_S - 60   # a minute's slack in 9 minutes
-    first = stages[0].commands[0]
-    assert first[1:5] == ["-m", "benchmarks.headline_check", "--backend", "triton"]
+    assert stages[0].command[1:5] == ["-m", "benchmarks.headline_check", "--backend", "triton"]
 
 
 def _stage(name, seconds, timeout=60.0, start_by=1e9, build=""):
-    return Stage(name, [[sys.executable, "-c", f"import time; time.sleep({seconds}); print('{name} done')"]],
+    return Stage(name, [sys.executable, "-c", f"import time; time.sleep({seconds}); print('{name} done')"],
                  predicted_s=seconds, timeout_s=timeout, start_by_s=start_by, build=build)
 
 
