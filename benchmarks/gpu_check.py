@@ -1,6 +1,6 @@
 """The GPU check: one call of at most 9 minutes, the most important evidence first (``bash benchmarks/gpu_check.sh``).
 
-    python -m benchmarks.gpu_check [STAGE ...]      # default: every stage of DEFAULT, in that order
+    python -m benchmarks.gpu_check [STAGE ...]      # default: the stages below, in that order
 
 Default stages, with their predicted time on an H100/H200 (16 cores), timeout and start deadline (seconds since
 the check started; a stage not started by then is skipped, recorded as such, and so is one that would run past
@@ -16,10 +16,11 @@ the check's budget of 540 s):
     tune                  45       75       465    a small launch-configuration tune (neighbours of the shipped)
                          445
 
-The CUDA extension is built in the background from the start (``setup.py build_ext --inplace``, for the visible
-GPU's architecture only, ``cuda-build.log``) while the Triton stages run; a stage that needs it waits for it only
-when it is reached, within its own timeout. Named stages for longer leases: ``op`` (the full op sweep),
-``op:EXPR`` (its cases pytest's ``-k EXPR`` selects), ``models`` (memory, overhead, encoder, train step).
+The CUDA extension is built in the background from the start (``setup.py build_ext``, for the visible GPU's
+architecture only, ``cuda-build.log``; moved into ``steermoe/`` once built) while the Triton stages run; a stage
+that needs it waits for it only when it is reached, within its own timeout. Named stages for longer leases:
+``op`` (the full op sweep), ``op:EXPR`` (its cases pytest's ``-k EXPR`` selects), ``models`` (memory, overhead,
+encoder, train step).
 
 Everything lands in ``$OUT`` (default ``./benchmark-results``) as produced: one log per stage, the stages'
 JSON, ``gpu_check.json`` (every stage's status, times and deadlines, rewritten after each stage) and
@@ -30,6 +31,7 @@ JSON, ``gpu_check.json`` (every stage's status, times and deadlines, rewritten a
 no build), to check this script. ``GPU_CHECK_TIMEOUT`` / ``GPU_CHECK_START_BY`` (``stage=seconds,...``) and
 ``GPU_CHECK_BUDGET_S`` replace the limits above.
 """
+import glob
 import json
 import os
 import shutil
@@ -66,11 +68,14 @@ class Stage:
 
 @dataclass
 class Build:
-    """The CUDA extension's background build (or why there is none)."""
+    """The CUDA extension's background build (or why there is none). It builds into ``lib_dir``; once it has
+    succeeded the extension is moved into the package (an atomic rename: no process sees half a file)."""
     proc: Optional[subprocess.Popen] = None
     reason: str = ""               # why there is no build; empty while one runs or ran
     status: str = "none"           # running, passed, failed, none
     seconds: Optional[float] = None
+    lib_dir: Optional[str] = None
+    package_dir: str = os.path.join(ROOT, "steermoe")
     started: float = field(default_factory=time.monotonic)
 
     def wait(self, deadline: float) -> str:
@@ -81,8 +86,12 @@ class Build:
             time.sleep(0.5)
         if self.proc.poll() is None:
             return "the CUDA extension's build is still running"
-        self.status = "passed" if self.proc.returncode == 0 else "failed"
-        self.seconds = self.seconds or time.monotonic() - self.started
+        if self.status == "running":
+            self.seconds = time.monotonic() - self.started
+            built = glob.glob(os.path.join(self.lib_dir, "steermoe", "_C*")) if self.lib_dir else []
+            self.status = "passed" if self.proc.returncode == 0 and (built or not self.lib_dir) else "failed"
+            for path in built:
+                os.replace(path, os.path.join(self.package_dir, os.path.basename(path)))
         return "" if self.status == "passed" else "the CUDA extension did not build (cuda-build.log)"
 
 
@@ -277,11 +286,12 @@ def start_build(out: str, env: Dict[str, str], on_cpu: bool) -> Build:
     build_env = {**env, "STEERMOE_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": env.get("TORCH_CUDA_ARCH_LIST", arch),
                  "MAX_JOBS": env.get("MAX_JOBS", str(os.cpu_count() or 1))}
     log = open(os.path.join(out, "cuda-build.log"), "w")
-    proc = subprocess.Popen(_py("setup.py", "-q", "build_ext", "--inplace"), cwd=ROOT, env=build_env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    lib_dir = os.path.join(ROOT, "build", "gpu-check-lib")
+    proc = subprocess.Popen(_py("setup.py", "-q", "build_ext", "--build-lib", lib_dir), cwd=ROOT, env=build_env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     print(f"CUDA extension: building for TORCH_CUDA_ARCH_LIST={build_env['TORCH_CUDA_ARCH_LIST']} in the background "
           f"(cuda-build.log)", flush=True)
-    return Build(proc=proc, status="running")
+    return Build(proc=proc, status="running", lib_dir=lib_dir)
 
 
 def write_results(stages: List[Stage], out: str, build: Build, budget_s: float) -> None:
@@ -297,6 +307,10 @@ def write_results(stages: List[Stage], out: str, build: Build, budget_s: float) 
                           for s in stages])
     lines.append(f"CUDA extension build: {build.status}{f' ({build.reason})' if build.reason else ''}"
                  f"{f', {build.seconds:.0f} s' if build.seconds else ''}")
+    build_log = os.path.join(out, "cuda-build.log")
+    if build.status == "failed" and os.path.exists(build_log):
+        with open(build_log, errors="replace") as f:
+            lines += ["The build's last lines:"] + f.read().splitlines()[-20:]
     lines += _stage_summaries(out)
     with open(os.path.join(out, "summary.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -90,6 +90,20 @@ def test_stages_wait_for_the_background_build_only_when_reached(tmp_path):
     assert [s.status for s in stages] == ["failed", "passed"] and "did not build" in stages[0].reason
 
 
+def test_a_finished_build_is_moved_into_the_package_and_an_empty_one_fails(tmp_path):
+    lib, package = tmp_path / "lib", tmp_path / "package"
+    (lib / "steermoe").mkdir(parents=True)
+    package.mkdir()
+    (lib / "steermoe" / "_C.abi3.so").write_text("extension")
+    done = Build(proc=subprocess.Popen([sys.executable, "-c", "pass"]), status="running", lib_dir=str(lib),
+                 package_dir=str(package))
+    assert done.wait(time.monotonic() + 60) == "" and done.status == "passed"
+    assert (package / "_C.abi3.so").read_text() == "extension" and not (lib / "steermoe" / "_C.abi3.so").exists()
+    empty = Build(proc=subprocess.Popen([sys.executable, "-c", "pass"]), status="running", lib_dir=str(lib),
+                  package_dir=str(package))
+    assert "did not build" in empty.wait(time.monotonic() + 60) and empty.status == "failed"
+
+
 def test_a_misspelt_stage_or_override_stops_before_anything_runs(tmp_path):
     proc = _gpu_check(tmp_path, "bench", "modles")
     assert proc.returncode == 2
