@@ -1,16 +1,19 @@
 """Benchmark session setup: device choice, options, shared fixtures, the summary table and the JSON.
 
-Without a GPU the Triton kernels run in Triton's CPU interpreter (the ``benchmarks`` package sets
-TRITON_INTERPRET before anything imports steermoe). CPU timings use one thread: on a small shared CI machine,
-multi-threaded kernels stall whenever another process takes a core.
+Without a GPU the Triton kernels can only run in Triton's CPU interpreter; TRITON_INTERPRET is read when the
+kernels are decorated, so it is set here, before anything imports steermoe. CPU timings use one thread: on a
+small shared CI machine, multi-threaded kernels stall whenever another process takes a core.
 """
 import os
 
 import pytest
 import torch
 
-from benchmarks.report import Results, environment, summary_lines
-from benchmarks.timing import DEVICE, copy_bandwidth_gbps
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks.report import Results, environment, summary_lines  # noqa: E402
+from benchmarks.timing import DEVICE, copy_bandwidth_gbps  # noqa: E402
 
 _RESULTS = pytest.StashKey[Results]()
 _COPY_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}

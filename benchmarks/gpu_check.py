@@ -368,6 +368,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    if on_cpu:  # the Triton kernels run in Triton's interpreter
+        env.setdefault("TRITON_INTERPRET", "1")
     build = start_build(out, env, on_cpu) if any(s.build for s in stages) else Build(reason="not needed")
     print(f"GPU check: {', '.join(s.name for s in stages)} (budget {budget_s:.0f} s); results in {out}", flush=True)
     try:

@@ -7,8 +7,8 @@ For each x dtype, two losses: one on y, one on y and the gating (as a load-balan
 compares y, the gating and every gradient (dx, dW, db, dV, ds) with :mod:`steermoe.testing`'s oracle and
 tolerances, the tests' own. At B=16, T=1500 every program of the persistent backward owns several row
 blocks, so the accumulation of its partial sums across row blocks really runs (``row_blocks_per_program``
-in the JSON). Without a GPU the Triton backend runs in Triton's interpreter (TRITON_INTERPRET=1, set by the
-``benchmarks`` package): keep the shape small there. Exits 1 when any error exceeds its bound.
+in the JSON). Without a GPU the Triton backend runs in Triton's interpreter (set TRITON_INTERPRET=1;
+the GPU check does on CPU): keep the shape small there. Exits 1 when any error exceeds its bound.
 """
 import argparse
 import json
