@@ -42,7 +42,8 @@ def row_blocks_per_program(backend: str, rows: int, dim: int, experts: int, dtyp
 
 def check(backend: str, batch: int, frames: int, dim: int, experts: int, dtypes: List[str],
           seed: int = 0) -> List[dict]:
-    """One row per (dtype, loss, tensor): max error, bound, their ratio, ok."""
+    """One row per (dtype, loss, tensor): max error, bound, their ratio, ok; a run that raises gives one row
+    with ``tensor`` "error" and the message, and the next run goes on."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for dtype_name in dtypes:
@@ -50,7 +51,12 @@ def check(backend: str, batch: int, frames: int, dim: int, experts: int, dtypes:
             torch.manual_seed(seed)
             case = Case(shape=(batch, frames, dim), experts=experts, dtype=DTYPES[dtype_name])
             start = time.perf_counter()
-            errors = errors_against_reference(case, (backend, device), gating_grad=gating_grad)
+            try:
+                errors = errors_against_reference(case, (backend, device), gating_grad=gating_grad)
+            except Exception as exc:  # reported; the other dtypes and losses are still checked
+                rows.append(dict(dtype=dtype_name, loss=loss, tensor="error", max_error=None, bound=None,
+                                 ratio=None, ok=False, error=f"{type(exc).__name__}: {exc}"[:500]))
+                continue
             seconds = time.perf_counter() - start
             for tensor, (err, bound) in errors.items():
                 rows.append(dict(dtype=dtype_name, loss=loss, tensor=tensor, max_error=err, bound=bound,
@@ -63,8 +69,9 @@ def lines(rows: List[dict]) -> List[str]:
     runs = {(r["dtype"], r["loss"]): [] for r in rows}
     for r in rows:
         runs[(r["dtype"], r["loss"])].append(r)
-    tensors = [r["tensor"] for r in next(iter(runs.values()))] if runs else []
+    tensors = next(([r["tensor"] for r in run] for run in runs.values() if run[0]["tensor"] != "error"), [])
     table = [[dtype, loss, *(r["ratio"] for r in run), "ok" if all(r["ok"] for r in run) else "FAIL"]
+             if run[0]["tensor"] != "error" else [dtype, loss, *([None] * len(tensors)), run[0]["error"][:80]]
              for (dtype, loss), run in runs.items()]
     return format_table(["dtype", "loss", *tensors, ""], table)
 

@@ -4,6 +4,7 @@ rows give each program more than four row blocks and the accumulation across row
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 from benchmarks import headline_check  # noqa: E402
@@ -43,3 +44,22 @@ def test_an_error_over_its_bound_fails_the_check(tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert not result["passed"]
     assert {r["tensor"] for r in result["rows"] if not r["ok"]} == {"dW"}
+
+
+def test_a_run_that_raises_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    import steermoe.kernels
+
+    shipped = steermoe.kernels.steer_forward
+
+    def no_fp16(x, *args):
+        if x.dtype == torch.float16:
+            raise RuntimeError("no fp16 here")
+        return shipped(x, *args)
+
+    monkeypatch.setattr(steermoe.kernels, "steer_forward", no_fp16)
+    out = tmp_path / "headline-triton.json"
+    assert headline_check.main(["--backend", "triton", *ARGS, "--dtype", "fp16", "bf16", "--out", str(out)]) == 1
+    rows = json.loads(out.read_text())["rows"]
+    errors = [r for r in rows if r["tensor"] == "error"]
+    assert [(r["dtype"], r["error"]) for r in errors] == [("fp16", "RuntimeError: no fp16 here")] * 2
+    assert all(r["ok"] for r in rows if r["dtype"] == "bf16") and len(rows) == 2 + 2 * 7
