@@ -57,10 +57,10 @@ class GPU:
 
 
 MIB = 2**20
-# copy bandwidth: measured on the lent H100 / H200 machines (/work notes: ≈ 3.0 / 4.3 TB/s); L2 sizes as PyTorch
-# reports them; L2 ↔ SM bandwidth assumed 5.5 TB/s for GH100 (H100 and H200 share the die and its L2), about what
-# public microbenchmarks of an H100 PCIe report (Chips and Cheese, "Nvidia's H100: Funny L2, and Tons of
-# Bandwidth", 2023), not measured here; the A100's 7 TB/s is its whitepaper's 5120 B/clk at 1.41 GHz.
+# copy bandwidth: measured device-to-device copies on an H100 80GB HBM3 and an H200 (≈ 3.0 / 4.3 TB/s); L2 sizes
+# as PyTorch reports them. L2 ↔ SM bandwidth assumed, not measured here: 5.5 TB/s for GH100 (H100 and H200 share
+# the die and its L2), about what public microbenchmarks of an H100 PCIe report (Chips and Cheese, "Nvidia's H100:
+# Funny L2, and Tons of Bandwidth", 2023); A100 7.2 TB/s, its whitepaper's 5120 B/clk at 1.41 GHz.
 GPUS = {"A100": GPU(80, 108, 40 * MIB, None, 7.2), "H100": GPU(90, 132, 50 * MIB, 3.0, 5.5),
         "H200": GPU(90, 132, 60 * MIB, 4.3, 5.5)}
 # resident forward programs per SM at D = 1280, E = 8, bf16 x, fp32 parameters, from the specialised AOT compile
@@ -199,10 +199,11 @@ def lines(s: Shape, gpus=("A100", "H100", "H200")) -> List[str]:
     from .roofline import min_bytes
     out = [f"Traffic model (predicted from the kernels' structure, not measured): N={s.rows} D={s.dim} E={s.experts}"
            f" elem={s.elem} B, parameters {s.param_elem} B",
-           "copy bandwidth measured (H100 3.0, H200 4.3 TB/s); L2↔SM bandwidth assumed "
-           + ", ".join(f"{g} {GPUS[g].l2_tbps}" for g in gpus) + " TB/s (benchmarks/traffic.py)",
+           "copy bandwidth measured: " + ", ".join(f"{g} {GPUS[g].copy_tbps}" for g in gpus if GPUS[g].copy_tbps)
+           + " TB/s; L2↔SM bandwidth assumed: " + ", ".join(f"{g} {GPUS[g].l2_tbps}" for g in gpus) + " TB/s",
            f"{'design':8} {'kernel':9} {'GPU':5} {'grid':>5} {'resident':>8} {'L2↔SM MB':>9} {'HBM MB':>7} "
-           f"{'min MB':>7} {'working set / L2 MB':>19} {'predicted µs':>12} {'bound':>5} {'floor µs':>8} {'%copy':>5}"]
+           f"{'min MB':>7} {'working set / L2 MB':>19} {'predicted µs':>12} {'bound':>5} {'floor µs':>8} "
+           f"{'%copy':>5}"]
     for design in DESIGNS:
         for name in gpus:
             gpu = GPUS[name]

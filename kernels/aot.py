@@ -64,7 +64,8 @@ def _recorded(calls: List[Launch]):
                 names = set(self.fn.arg_names)
                 bound = inspect.signature(self.fn.fn).bind(*args, **{k: v for k, v in kwargs.items() if k in names})
                 bound.apply_defaults()
-                calls.append(Launch(self.fn, dict(bound.arguments), {k: v for k, v in kwargs.items() if k not in names}))
+                options = {k: v for k, v in kwargs.items() if k not in names}
+                calls.append(Launch(self.fn, dict(bound.arguments), options))
             return record
 
     try:
@@ -136,8 +137,7 @@ def ast_source(fn: JITFunction, spec: Specialisation) -> ASTSource:
     index = fn.arg_names.index
     constants = {**spec.constexprs, **{name: 1 for name in spec.ones}}
     if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
-        signature = {name: "constexpr" if name in constants else spec.signature.get(name, "constexpr")
-                     for name in fn.arg_names}
+        signature = {name: "constexpr" if name in constants else spec.signature[name] for name in fn.arg_names}
         attrs = {(index(name),): [["tt.divisibility", DIVISIBILITY]] for name in spec.divisible}
         return ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     try:
