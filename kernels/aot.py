@@ -210,7 +210,7 @@ def compile_kernel(kernel: str, x_dtype: torch.dtype, param_dtype: str, num_expe
         shown = {k: (v if isinstance(v, (int, str)) else str(v)) for k, v in spec.constexprs.items()}
         yield dict(kernel=kernel, fn=launch.fn.__name__, dtype=str(x_dtype).replace("torch.", ""),
                    params=str(p_dtype).replace("torch.", ""), experts=num_experts, arch=arch, dim=dim, rows=rows,
-                   config=shown, **launch.options, divisible=spec.divisible, ones=spec.ones,
+                   config=shown, **launch.options, signature=spec.signature, divisible=spec.divisible, ones=spec.ones,
                    **usage(compile_launch(launch, arch), launch.options["num_warps"]))
 
 
