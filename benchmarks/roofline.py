@@ -1,15 +1,18 @@
 """Roofline of the steering op: the fewest HBM bytes and the FLOPs one call needs, and the time floor they set.
+The one source of the op's cost model; the kernels, the CUDA sources and BENCHMARKS.md refer to it.
 
 N rows of width D, E experts, ``elem`` bytes per element of x; the gating is float32 (N·E·4 bytes).
 
-    mode      minimum bytes                  FLOPs
-    fwd       2·N·D·elem + N·E·4             4·N·D·E     read x, write y and the gating
-    bwd       3·N·D·elem + N·E·4             8·N·D·E     read dy, y and the gating, write dx
-    fwd+bwd   5·N·D·elem + 2·N·E·4           12·N·D·E
+    mode      minimum bytes                  FLOPs      fused kernels' FLOPs
+    fwd       2·N·D·elem + N·E·4             4·N·D·E    4·N·D·E     read x, write y and the gating
+    bwd       3·N·D·elem + N·E·4             8·N·D·E    10·N·D·E    read dy, y and the gating, write dx
+    fwd+bwd   5·N·D·elem + 2·N·E·4           12·N·D·E   14·N·D·E
 
-Backward FLOPs: dy·Vᵀ, dlogits·W, dlogitsᵀ·x, gᵀ·dy, 2·N·D·E each; recomputing x = y − s·gV adds 2·N·D·E more.
-Parameter traffic (E·D) and the softmax are negligible. ``python -m benchmarks.roofline`` prints the table
-at Whisper-large shapes.
+FLOPs count the op's products, 2·N·D·E each (2 FLOPs per multiply-add): forward x·Wᵀ, g·V; backward dy·Vᵀ,
+dlogits·W, dlogitsᵀ·x, gᵀ·dy. The fused backwards (Triton and CUDA) never save x and recompute it as
+x = y − s·gV: one product more. Parameter traffic (E·D; the backward's per-program partial sums) and the softmax
+are left out of the minimum; benchmarks/traffic.py models the bytes each kernel really moves.
+``python -m benchmarks.roofline`` prints both at Whisper-large shapes.
 """
 import argparse
 
@@ -17,6 +20,7 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 _ROW_PASSES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}      # N·D tensors that must cross HBM
 _GATING_PASSES = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}
 _MATMULS = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}          # N×D×E products, 2 FLOPs per multiply-add
+_RECOMPUTED = {"fwd": 0, "bwd": 1, "fwd+bwd": 1}       # products the fused backward adds: x = y − s·gV
 
 
 def min_bytes(mode: str, rows: int, dim: int, experts: int, elem: int) -> int:
@@ -24,9 +28,9 @@ def min_bytes(mode: str, rows: int, dim: int, experts: int, elem: int) -> int:
     return _ROW_PASSES[mode] * rows * dim * elem + _GATING_PASSES[mode] * rows * experts * 4
 
 
-def flops(mode: str, rows: int, dim: int, experts: int) -> int:
-    """Matrix FLOPs of one call (the recomputation of x in the fused backward not counted)."""
-    return _MATMULS[mode] * 2 * rows * dim * experts
+def flops(mode: str, rows: int, dim: int, experts: int, recomputed: bool = False) -> int:
+    """Matrix FLOPs of one call; ``recomputed`` adds the fused backward's recomputation of x."""
+    return (_MATMULS[mode] + recomputed * _RECOMPUTED[mode]) * 2 * rows * dim * experts
 
 
 def table(rows: int, dim: int, experts: int, elem: int, bandwidth_tbps: float):
@@ -45,12 +49,16 @@ def main(argv=None) -> None:
     parser.add_argument("--experts", type=int, default=8, help="E")
     parser.add_argument("--elem", type=int, default=2, help="bytes per element of x (2 = bf16)")
     parser.add_argument("--bandwidth", type=float, default=3.0, help="copy bandwidth in TB/s (H100 ≈ 3.0)")
+    parser.add_argument("--param-elem", type=int, default=4, help="bytes per element of W, b, V (4 = fp32)")
     args = parser.parse_args(argv)
     print(f"N={args.rows} D={args.dim} E={args.experts} elem={args.elem} B, floor at {args.bandwidth} TB/s")
     print(f"{'mode':8} {'bytes (MB)':>11} {'GFLOP':>7} {'FLOP/B':>7} {'floor (µs)':>11}")
     for mode, nbytes, nflops, intensity, floor_us in table(args.rows, args.dim, args.experts, args.elem,
                                                            args.bandwidth):
         print(f"{mode:8} {nbytes / 1e6:11.2f} {nflops / 1e9:7.3f} {intensity:7.2f} {floor_us:11.1f}")
+    from . import traffic
+    print()
+    print("\n".join(traffic.lines(traffic.Shape(args.rows, args.dim, args.experts, args.elem, args.param_elem))))
 
 
 if __name__ == "__main__":

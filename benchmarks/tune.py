@@ -92,16 +92,17 @@ def tune(kernel: str, rows: int, dim: int, experts: int, dtype: torch.dtype, cop
         results.append(row)
     results.sort(key=lambda r: (r["us"] is None, r["us"] or 0.0))
     if DEVICE.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        _add_resource_usage(kernel, dtype, [r for r in results if r["us"] is not None][:compile_top])
+        _add_resource_usage(kernel, dtype, [r for r in results if r["us"] is not None][:compile_top], dim, rows)
     return results
 
 
-def _add_resource_usage(kernel: str, dtype: torch.dtype, rows: List[dict]) -> None:
+def _add_resource_usage(kernel: str, dtype: torch.dtype, rows: List[dict], dim: int = 1280, n: int = 24000) -> None:
+    """Registers, spills and shared memory of each row's config, compiled as the launcher calls it at (n, dim)."""
     from steermoe.kernels.aot import compile_config
 
     major, minor = torch.cuda.get_device_capability(DEVICE)
     for row in rows:
-        usage = compile_config(kernel, dtype, row["config"], 10 * major + minor)
+        usage = compile_config(kernel, dtype, row["config"], 10 * major + minor, dim=dim, rows=n)
         row.update(regs=usage["REG"], spill_bytes=usage["LOCAL"] + usage["STACK"], smem=usage["dynamic_shared"])
 
 

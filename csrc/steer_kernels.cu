@@ -5,13 +5,11 @@
  * the op boundary); s (1,) fp32 read on the device (no host sync); gating g (N, E) fp32. All arithmetic and
  * every accumulation is fp32.
  *
- * Cost per call (elem = bytes per element of x; P = backward blocks, at most 8 per SM, 2 at D = 1280, E ≤ 16):
- *   forward   FLOPs ≈ 4·N·D·E (x·Wᵀ, g·V)
- *             minimum bytes 2·N·D·elem (read x, write y) + 4·N·E (gating, when stored)
- *   backward  FLOPs ≈ 10·N·D·E (u = dy·Vᵀ, x = y − s·g·V, dx = dy + dl·W, dW, dV)
- *             minimum bytes 3·N·D·elem (read dy and y, write dx) + 4·N·E (gating)
- *             + workspace 2 · P · (2·E·D + E + 1) · 4 (per-block partials, written then summed)
- * At E = 8 in bf16 that is 8–13 FLOP/byte: memory-bound against HBM, but these kernels use CUDA cores (fp32
+ * Cost per call: benchmarks/roofline.py is the cost model (the op's FLOPs, with and without the backward's
+ * recomputation of x, which these kernels do; minimum bytes; `python -m benchmarks.roofline`). Beyond that minimum
+ * the backward moves a workspace of 2 · P · (2·E·D + E + 1) · 4 bytes (per-block partials, written then summed;
+ * P = backward blocks, at most 8 per SM, 2 at D = 1280, E ≤ 16).
+ * At E = 8 in bf16 the op is memory-bound against HBM, but these kernels use CUDA cores (fp32
  * FMA, no tensor cores), whose issue rate on an H100 is only ~1.3× what the copy bandwidth needs at E = 8.
  * So every FMA operand lives in registers, each W/V load is reused across several rows, and lanes exchange
  * partial sums once per row.
