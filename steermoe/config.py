@@ -47,7 +47,9 @@ class DataConfig:
     min_seconds: Optional[float] = None
     max_seconds: float = 30.0             # in (0, 30] (Whisper's window); evaluation skips (and counts) longer rows too
     max_text_tokens: Optional[int] = None
-    bucket_size: Optional[int] = None     # rows sorted by length together, >= train.batch_size (None: 64 batches)
+    bucket_size: Optional[int] = None     # rows sorted by length together, rounded down to a multiple of the global
+                                          # batch (None: 64 global batches)
+    duration_column: Optional[str] = None  # seconds per row: plans length grouping without reading audio headers
 
 
 @dataclass

@@ -3,14 +3,16 @@
     python -m steermoe.train --config run.yaml [section.key=value ...] [--resume | --overwrite]
     torchrun --nproc_per_node 8 -m steermoe.train --config run.yaml
 
-One optimizer step reads ``grad_accum`` micro-batches of ``batch_size`` examples on every process. The loss is
-the mean over all target tokens of that global batch: each micro-batch backpropagates its token-summed loss,
-and the accumulated gradient is divided by the global token count (summed over micro-batches and processes)
-before clipping, so an update does not depend on how the global batch is split. With float16 frozen weights the
+One optimizer step trains on one global batch of ``batch_size × grad_accum × processes`` examples, the same
+batches however that product is split (:class:`~steermoe.data.SpeechBatches`); each process reads its
+``grad_accum`` micro-batches of it. The loss is the mean over all target tokens of the global batch: each
+micro-batch backpropagates its token-summed loss, the gradients are summed over processes, and divided by the
+global token count before clipping, so an update does not depend on how the global batch is split. With float16 frozen weights the
 loss is scaled (``torch.amp.GradScaler``) for the backward and the gradient unscaled before that division.
 
 ``--resume`` continues from the newest checkpoint, with the config the run had: only the keys in
-``RESUME_MAY_CHANGE`` (``max_steps``, logging, evaluation and saving intervals, ...) may differ.
+``RESUME_MAY_CHANGE`` (``max_steps``, logging, evaluation and saving intervals, ...) may differ, and the number of
+processes, ``batch_size`` and ``grad_accum`` may too as long as the global batch stays the same.
 """
 import contextlib
 import json
@@ -27,11 +29,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import (CheckpointError, check_output_dir, load_training_state, remove_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
+from .distributed import all_reduce_gradients
 from .fileio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -150,7 +152,7 @@ def open_source(data: DataConfig, paths: List[str], *, tokenizer=None, for_eval:
 
     return ParquetSpeechSource(
         paths, audio_column=data.audio_column, text_column=data.text_column, prompt_column=data.prompt_column,
-        id_column=data.id_column, max_seconds=data.max_seconds,
+        id_column=data.id_column, duration_column=data.duration_column, max_seconds=data.max_seconds,
         min_seconds=None if for_eval else data.min_seconds,
         max_text_tokens=None if for_eval else data.max_text_tokens,
         tokenizer=None if for_eval or data.max_text_tokens is None else tokenizer)
@@ -204,8 +206,9 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
 
 
 # keys a resumed run may change: they touch neither the data order nor the optimization trajectory, except that a
-# new max_steps moves the end of the cosine schedule (the point of extending a run)
-RESUME_MAY_CHANGE = frozenset({
+# new max_steps moves the end of the cosine schedule (the point of extending a run); batch_size and grad_accum split
+# the global batch, which the checkpoint's data state holds and checks
+RESUME_MAY_CHANGE = frozenset({"train.batch_size", "train.grad_accum",
     "output_dir", "model.max_new_tokens", "data.eval", "train.max_steps", "train.log_every", "train.eval_every",
     "train.eval_utterances", "train.eval_batch_size", "train.save_every", "train.keep_checkpoints",
     "train.gradient_checkpointing", "train.max_nonfinite_steps", "train.device"})
@@ -282,40 +285,34 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
     # gradient overflowed is skipped (and counted) like any non-finite step, and the scale halves
     scaler = torch.amp.GradScaler(env.device.type, enabled=m.dtype == "float16")
 
-    # ---- data: length-grouped batches, sharded over processes, the same number of batches on each
+    # ---- data: length-grouped global batches, each process reading its slice of each
     train_batches = SpeechBatches(open_source(cfg.data, cfg.data.train, tokenizer=model.tokenizer), tc.batch_size,
-                                  bucket_size=cfg.data.bucket_size, shuffle=True, seed=tc.seed, rank=env.rank,
-                                  world_size=env.world_size)
+                                  grad_accum=tc.grad_accum, bucket_size=cfg.data.bucket_size, shuffle=True,
+                                  seed=tc.seed, rank=env.rank, world_size=env.world_size)
     if cfg.data.eval:   # an eval set without a usable row fails now, not at the first evaluation
         next(eval_batches(open_source(cfg.data, cfg.data.eval, for_eval=True), 1, limit=1))
     step = nonfinite_total = nonfinite_in_a_row = 0
     if resume_from is not None:
         state = load_training_state(resume_from)
-        if state["world_size"] != env.world_size:   # batch_size is per process: the data position would shift
-            raise CheckpointError(f"cannot resume {resume_from} on {env.world_size} processes: it was trained on "
-                                  f"{state['world_size']}")
+        try:
+            train_batches.load_state_dict(state["data"])
+        except ValueError as err:
+            raise CheckpointError(f"cannot resume {resume_from}: {err}") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        train_batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         step, nonfinite_total, nonfinite_in_a_row = state["step"], state["nonfinite_total"], state["nonfinite_in_a_row"]
     batch_iter = iter(train_batches)
 
-    def next_batch():
+    def next_micro_batches():
+        """This process's ``grad_accum`` micro-batches of the next global batch (None: an empty slice)."""
         nonlocal batch_iter
-        for _ in range(2):
-            try:
-                return next(batch_iter)
-            except StopIteration:           # end of epoch: the data's own state knows which epoch comes next
-                batch_iter = iter(train_batches)
-        raise TrainingError(f"the training data yields no batch: {', '.join(cfg.data.train)} "
-                            f"(skipped rows: {dict(train_batches.source.skipped) or 'none'})")
-
-    # ---- distributed wrapper: gradients of the trainable tensors are averaged over processes
-    ddp = model
-    if env.world_size > 1:
-        ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        try:
+            return next(batch_iter)
+        except StopIteration:           # end of epoch: the data's own state knows which epoch comes next
+            batch_iter = iter(train_batches)
+            return next(batch_iter)
 
     # ---- outputs: config, metrics log, progress bar (main process only)
     if env.is_main:
@@ -365,34 +362,32 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
     checkpoint_path, eval_summary = resume_from, None
     while step < tc.max_steps:
         t_start = time.perf_counter()
-        micro_batches = [next_batch() for _ in range(tc.grad_accum)]
         # this process's sums over its micro-batches: token loss, target tokens, token-weighted aux loss, samples
         sums = torch.zeros(4, dtype=torch.float64, device=env.device)
-        for i, batch in enumerate(micro_batches):
+        for batch in next_micro_batches():
+            if batch is None:           # this process's slice of a small global batch is empty
+                continue
             features, mask = model.features(batch.to(env.device))
-            last = i == len(micro_batches) - 1
-            # gradients are all-reduced over processes only on the last micro-batch
-            sync = ddp.no_sync() if env.world_size > 1 and not last else contextlib.nullcontext()
-            with sync:
-                with autocast_for(model):
-                    out = ddp(features, attention_mask=mask, texts=batch.texts, prompts=batch.prompts,
-                              return_gating=tc.aux_loss_weight > 0)
-                objective = out.loss_sum.float()
-                aux = torch.zeros((), device=env.device)
-                if tc.aux_loss_weight > 0:   # token-weighted, like the main loss
-                    aux = load_balancing_loss(out.gating, mask=out.gating_mask) * out.num_tokens
-                    objective = objective + tc.aux_loss_weight * aux
-                scaler.scale(objective).backward()
+            with autocast_for(model):
+                out = model(features, attention_mask=mask, texts=batch.texts, prompts=batch.prompts,
+                            return_gating=tc.aux_loss_weight > 0)
+            objective = out.loss_sum.float()
+            aux = torch.zeros((), device=env.device)
+            if tc.aux_loss_weight > 0:   # token-weighted, like the main loss
+                aux = load_balancing_loss(out.gating, mask=out.gating_mask) * out.num_tokens
+                objective = objective + tc.aux_loss_weight * aux
+            scaler.scale(objective).backward()
             sums += torch.stack([out.loss_sum.detach().double(), out.num_tokens.double(), aux.detach().double(),
                                  torch.tensor(len(batch), dtype=torch.float64, device=env.device)])
 
-        # mean over the global batch's target tokens (DDP already averaged over processes: undo, then divide)
+        # mean over the global batch's target tokens: gradients summed over processes, then divided (a global batch
+        # whose every row was skipped has no tokens: a non-finite loss, and the step is skipped)
         loss_sum, tokens, aux_sum, samples = env.all_sum(sums)
+        all_reduce_gradients(trainable, env.world_size)
         scaler.unscale_(optimizer)
         for p in trainable:
-            if p.grad is not None:
-                p.grad.mul_(env.world_size / max(tokens, 1.0))
-        loss = loss_sum / max(tokens, 1.0)
+            p.grad.div_(max(tokens, 1.0))
+        loss = loss_sum / tokens if tokens else math.nan
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else math.inf))
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         loss_scale = scaler.get_scale()

@@ -1,12 +1,14 @@
-"""Two CPU processes (torchrun, gloo, float32) train exactly like one process with the same global batch."""
+"""Several CPU processes (torchrun, gloo, float32) train the same model as one process with the same global batch,
+however the global batch is split between processes and accumulation steps."""
 import os
 import socket
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 import torch
-from test_train import losses, tiny_config, trained_weights
+from test_train import SPEECH, losses, tiny_assets, tiny_config, trained_weights
 
 from steermoe.checkpoint import list_checkpoints
 from steermoe.config import save_config
@@ -19,31 +21,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    steps = 3
-    train(tiny_config(tmp_path / "single", batch_size=4, max_steps=steps))
-
-    config = tmp_path / "ddp.yaml"
-    save_config(tiny_config(tmp_path / "ddp", batch_size=2, max_steps=steps, save_every=2), str(config))
+def torchrun(config, nproc: int = 2, *args: str) -> subprocess.CompletedProcess:
+    """``steermoe.train`` on ``nproc`` CPU processes with the saved ``config``; fails the test when it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           "-m", "steermoe.train", "--config", str(config)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "steermoe.train", "--config", str(config),
+           *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
-    single = read_metrics(os.path.join(tmp_path / "single", "metrics.jsonl"))
-    ddp = read_metrics(os.path.join(tmp_path / "ddp", "metrics.jsonl"))
-    assert [r["step"] for r in ddp] == list(range(1, steps + 1))     # one log, written by rank 0 only
-    assert [r["samples"] for r in ddp] == [4] * steps
-    assert [r["tokens"] for r in ddp] == [r["tokens"] for r in single]
-    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
-    # the gradient norm is scale-sensitive where Adam's update is not: it checks the global-token normalisation
-    assert [r["grad_norm"] for r in ddp] == pytest.approx([r["grad_norm"] for r in single], rel=1e-4)
 
-    assert [s for s, _ in list_checkpoints(str(tmp_path / "ddp"))] == [2, 3]
-    ddp_weights, single_weights = trained_weights(tmp_path / "ddp"), trained_weights(tmp_path / "single")
-    assert ddp_weights.keys() == single_weights.keys()                # same layout, no "module." prefixes
-    assert not [k for k in ddp_weights if k.startswith("module.")]
-    for key, value in single_weights.items():
-        torch.testing.assert_close(ddp_weights[key], value, rtol=0, atol=1e-4)
+def buckets_data() -> str:
+    """18 utterances in row groups of 5: with buckets of 8 rows and global batches of 4, three buckets and five
+    steps an epoch (the last bucket's one batch of 2 leaves slices empty)."""
+    path = os.path.join(tiny_assets()["root"], "rows18.parquet")
+    if not os.path.exists(path):
+        pq.write_table(pq.read_table(SPEECH).slice(20, 18), path, row_group_size=5)
+    return path
+
+
+def test_one_process_accumulation_and_two_processes_train_the_same_model(tmp_path):
+    steps = 6                                   # one epoch and one step into the next
+    kw = dict(max_steps=steps, save_every=4)
+    runs = {"whole": dict(batch_size=4), "accumulated": dict(batch_size=2, grad_accum=2)}
+    for name, split in runs.items():
+        cfg = tiny_config(tmp_path / name, **split, **kw)
+        cfg.data.train, cfg.data.bucket_size = [buckets_data()], 8
+        train(cfg)
+    cfg = tiny_config(tmp_path / "ddp", batch_size=2, **kw)
+    cfg.data.train, cfg.data.bucket_size = [buckets_data()], 8
+    save_config(cfg, str(tmp_path / "ddp.yaml"))
+    torchrun(tmp_path / "ddp.yaml")
+
+    whole = read_metrics(os.path.join(tmp_path / "whole", "metrics.jsonl"))
+    assert [r["samples"] for r in whole] == [4, 4, 4, 4, 2, 4]
+    for name in ("accumulated", "ddp"):
+        records = read_metrics(os.path.join(tmp_path / name, "metrics.jsonl"))
+        assert [r["step"] for r in records] == list(range(1, steps + 1))    # one log, written by rank 0 only
+        assert [r["tokens"] for r in records] == [r["tokens"] for r in whole], name
+        assert [r["samples"] for r in records] == [r["samples"] for r in whole], name
+        assert losses(tmp_path / name) == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+        # the gradient norm is scale-sensitive where Adam's update is not: it checks the global-token normalisation
+        assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in whole], rel=1e-4)
+        weights, reference = trained_weights(tmp_path / name), trained_weights(tmp_path / "whole")
+        assert weights.keys() == reference.keys()                   # same layout, no "module." prefixes
+        for key, value in reference.items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-5)
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "ddp"))] == [4, 6]

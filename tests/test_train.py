@@ -440,12 +440,14 @@ def test_resume_refuses_a_config_that_changes_the_run_and_takes_safe_changes(tmp
     out = tmp_path / "run"
     shutil.copytree(tiny_run(), out)                  # batch_size 2, two steps; its config names another output_dir
     saved = (out / "config.yaml").read_text()
-    with pytest.raises(CheckpointError, match=r"train\.batch_size: 2 -> 1; train\.lr_router: 0\.003 -> 0\.01\. "):
-        train(tiny_config(out, batch_size=1, max_steps=3, lr_router=1e-2), resume=True)
+    with pytest.raises(CheckpointError, match=r"train\.lr_router: 0\.003 -> 0\.01; train\.seed: 0 -> 1\. "):
+        train(tiny_config(out, batch_size=1, max_steps=3, lr_router=1e-2, seed=1), resume=True)
     assert (out / "config.yaml").read_text() == saved
-    monkeypatch.setattr(steermoe.train, "init_distributed", lambda device: Distributed(0, 2, torch.device("cpu")))
-    with pytest.raises(CheckpointError, match="on 2 processes: it was trained on 1"):
-        train(tiny_config(out, batch_size=2, max_steps=2), resume=True)
+    # batch_size, grad_accum and the process count may change only together, keeping the global batch
+    with pytest.raises(CheckpointError, match=r"global batch is 2, this run's is 4 \(batch_size 1 × grad_accum 2 × 2 "
+                                              r"processes\)"):
+        monkeypatch.setattr(steermoe.train, "init_distributed", lambda device: Distributed(0, 2, torch.device("cpu")))
+        train(tiny_config(out, batch_size=1, grad_accum=2, max_steps=2), resume=True)
     monkeypatch.undo()
     # more steps, other logging and saving intervals: fine, and the config on disk says so
     result = train(tiny_config(out, batch_size=2, max_steps=3, log_every=1, save_every=1), resume=True)
