@@ -10,6 +10,9 @@ micro-batch backpropagates its token-summed loss, the gradients are summed over 
 global token count before clipping, so an update does not depend on how the global batch is split. With float16 frozen weights the
 loss is scaled (``torch.amp.GradScaler``) for the backward and the gradient unscaled before that division.
 
+SIGTERM or SIGUSR1 (sent by job schedulers before a kill) makes every process finish the current optimizer step;
+the run then writes a checkpoint, says ``interrupted at step N; checkpoint written: ...`` and returns normally.
+
 ``--resume`` continues from the newest checkpoint, with the config the run had: only the keys in
 ``RESUME_MAY_CHANGE`` (``max_steps``, logging, evaluation and saving intervals, ...) may differ, and the number of
 processes, ``batch_size`` and ``grad_accum`` may too as long as the global batch stays the same.
@@ -33,7 +36,7 @@ import yaml
 from .checkpoint import (CheckpointError, check_output_dir, load_training_state, remove_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
-from .distributed import all_reduce_gradients
+from .distributed import StopSignals, all_reduce_gradients
 from .fileio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -251,7 +254,13 @@ def check_resume_config(cfg: Config, saved_path: str) -> None:
 # ----------------------------------------------------------------------------------------------- the loop
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict[str, Any]:
-    """Train as ``cfg`` says; returns ``{"step", "loss", "checkpoint", "eval", "nonfinite_steps"}``."""
+    """Train as ``cfg`` says; returns ``{"step", "loss", "checkpoint", "eval", "nonfinite_steps", "interrupted"}``
+    (``interrupted``: a SIGTERM or SIGUSR1 stopped the run early, after checkpointing)."""
+    with StopSignals() as stop_signals:
+        return _train(cfg, resume, overwrite, stop_signals)
+
+
+def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .analysis import load_balancing_loss
@@ -303,6 +312,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         step, nonfinite_total, nonfinite_in_a_row = state["step"], state["nonfinite_total"], state["nonfinite_in_a_row"]
+        if env.is_main:
+            print(f"resuming from step {step} (checkpoint {resume_from})", flush=True)
     batch_iter = iter(train_batches)
 
     def next_micro_batches():
@@ -359,7 +370,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
     # ---- the loop
     model.train()
     loss = float("nan")
-    checkpoint_path, eval_summary = resume_from, None
+    checkpoint_path, eval_summary, interrupted = resume_from, None, False
     while step < tc.max_steps:
         t_start = time.perf_counter()
         # this process's sums over its micro-batches: token loss, target tokens, token-weighted aux loss, samples
@@ -428,15 +439,20 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
             raise TrainingError(f"stopped at step {step}: {nonfinite_in_a_row} steps in a row had a non-finite loss "
                                 f"or gradient; lower the learning rates, check the data, or resume from the last "
                                 f"checkpoint in {cfg.output_dir}")
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+        # a stop signal on any process stops all of them here, after the same step
+        interrupted = env.all_sum(torch.tensor([float(stop_signals.received is not None)]))[0] > 0
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and not interrupted:
             eval_summary = run_eval(step)
-        if step % tc.save_every == 0 or step == tc.max_steps:
+        if step % tc.save_every == 0 or step == tc.max_steps or interrupted:
             checkpoint_path = checkpoint()
+        if interrupted:
+            say(f"interrupted at step {step}; checkpoint written: {checkpoint_path}")
+            break
     bar.close()
-    if cfg.data.eval:
+    if cfg.data.eval and not interrupted:
         eval_summary = run_eval(step)
     return {"step": step, "loss": loss, "checkpoint": checkpoint_path, "eval": eval_summary,
-            "nonfinite_steps": nonfinite_total}
+            "nonfinite_steps": nonfinite_total, "interrupted": interrupted}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,6 +1,7 @@
 """Several CPU processes (torchrun, gloo, float32) train the same model as one process with the same global batch,
 however the global batch is split between processes and accumulation steps."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 from test_train import SPEECH, losses, tiny_assets, tiny_config, trained_weights
 
-from steermoe.checkpoint import list_checkpoints
+from steermoe.checkpoint import list_checkpoints, step_dir
 from steermoe.config import save_config
 from steermoe.train import read_metrics, train
 
@@ -21,12 +22,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(config, nproc: int = 2, *args: str) -> subprocess.CompletedProcess:
-    """``steermoe.train`` on ``nproc`` CPU processes with the saved ``config``; fails the test when it fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(config, *args: str, nproc: int = 2, script=None, env=()) -> subprocess.CompletedProcess:
+    """``steermoe.train`` (or ``script``) on ``nproc`` CPU processes with the saved ``config``; fails the test when
+    it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **dict(env)}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "steermoe.train", "--config", str(config),
-           *args]
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *([str(script)] if script else
+                                                                         ["-m", "steermoe.train"]),
+           "--config", str(config), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -41,17 +44,28 @@ def buckets_data() -> str:
     return path
 
 
-def test_one_process_accumulation_and_two_processes_train_the_same_model(tmp_path):
-    steps = 6                                   # one epoch and one step into the next
-    kw = dict(max_steps=steps, save_every=4)
-    runs = {"whole": dict(batch_size=4), "accumulated": dict(batch_size=2, grad_accum=2)}
-    for name, split in runs.items():
-        cfg = tiny_config(tmp_path / name, **split, **kw)
-        cfg.data.train, cfg.data.bucket_size = [buckets_data()], 8
-        train(cfg)
-    cfg = tiny_config(tmp_path / "ddp", batch_size=2, **kw)
+STEPS = 6                                       # one epoch and one step into the next
+
+
+def buckets_config(output_dir, **train_keys):
+    cfg = tiny_config(output_dir, max_steps=STEPS, save_every=4, **train_keys)
     cfg.data.train, cfg.data.bucket_size = [buckets_data()], 8
-    save_config(cfg, str(tmp_path / "ddp.yaml"))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """The reference: one process, the whole global batch of 4 in one micro-batch."""
+    out = tmp_path_factory.mktemp("whole")
+    train(buckets_config(out, batch_size=4))
+    return out
+
+
+def test_one_process_accumulation_and_two_processes_train_the_same_model(tmp_path, whole):
+    steps = STEPS
+    shutil.copytree(whole, tmp_path / "whole")
+    train(buckets_config(tmp_path / "accumulated", batch_size=2, grad_accum=2))
+    save_config(buckets_config(tmp_path / "ddp", batch_size=2), str(tmp_path / "ddp.yaml"))
     torchrun(tmp_path / "ddp.yaml")
 
     whole = read_metrics(os.path.join(tmp_path / "whole", "metrics.jsonl"))
@@ -69,3 +83,39 @@ def test_one_process_accumulation_and_two_processes_train_the_same_model(tmp_pat
         for key, value in reference.items():
             torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-5)
     assert [s for s, _ in list_checkpoints(str(tmp_path / "ddp"))] == [4, 6]
+
+
+SIGNAL_ON_RANK_1 = """
+import os, signal, sys
+from steermoe.model import SteerMoEModel
+from steermoe.train import main
+
+calls, real_forward = [0], SteerMoEModel.forward
+
+def forward(self, *args, **kwargs):     # rank 1 alone is sent SIGTERM during its forward of step 3
+    calls[0] += 1
+    if calls[0] == 3 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_forward(self, *args, **kwargs)
+
+SteerMoEModel.forward = forward
+sys.exit(main())
+"""
+
+
+def test_sigterm_on_one_rank_stops_all_after_the_step_and_one_process_resumes_the_same_sequence(tmp_path, whole):
+    (tmp_path / "sigterm_rank1.py").write_text(SIGNAL_ON_RANK_1)
+    save_config(buckets_config(tmp_path / "run", batch_size=2), str(tmp_path / "ddp.yaml"))
+    proc = torchrun(tmp_path / "ddp.yaml", script=tmp_path / "sigterm_rank1.py")
+    assert f"interrupted at step 3; checkpoint written: {step_dir(str(tmp_path / 'run'), 3)}" in proc.stdout
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "run"))] == [3]
+    # the same global batch of 4 on one process with accumulation continues the same sequence of batches
+    result = train(buckets_config(tmp_path / "run", batch_size=2, grad_accum=2), resume=True)
+    assert result["step"] == STEPS and not result["interrupted"]
+    records = read_metrics(os.path.join(tmp_path / "run", "metrics.jsonl"))
+    reference = read_metrics(os.path.join(whole, "metrics.jsonl"))
+    assert [r["tokens"] for r in records] == [r["tokens"] for r in reference]
+    assert losses(tmp_path / "run") == pytest.approx(losses(whole), rel=1e-5)
+    weights, expected = trained_weights(tmp_path / "run"), trained_weights(whole)
+    for key, value in expected.items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-5)
