@@ -36,7 +36,7 @@ import yaml
 from .checkpoint import (CheckpointError, check_output_dir, load_training_state, remove_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
-from .distributed import StopSignals, all_reduce_gradients
+from .distributed import StopSignals, all_reduce_gradients, check_parallel, placeholder_batch, shard_frozen_bases
 from .fileio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -214,7 +214,7 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
 RESUME_MAY_CHANGE = frozenset({"train.batch_size", "train.grad_accum",
     "output_dir", "model.max_new_tokens", "data.eval", "train.max_steps", "train.log_every", "train.eval_every",
     "train.eval_utterances", "train.eval_batch_size", "train.save_every", "train.keep_checkpoints",
-    "train.gradient_checkpointing", "train.max_nonfinite_steps", "train.device"})
+    "train.gradient_checkpointing", "train.max_nonfinite_steps", "train.device", "train.parallel"})
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -269,6 +269,11 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
 
     tc = cfg.train
     env = init_distributed(tc.device)
+    try:
+        check_parallel(tc.parallel, env.world_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    fsdp = tc.parallel == "fsdp"
     resume_from = check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
     if resume_from is not None:
         check_resume_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
@@ -276,7 +281,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
 
     # ---- model: frozen Whisper encoder + frozen LLM, trainable steering and projector (fp32)
     m = cfg.model
-    model = build_model(m, env.device)
+    model = build_model(m, torch.device("cpu") if fsdp else env.device)   # fsdp: sharded onto the device below
     if resume_from is not None:
         try:
             model.load_trainable(resume_from)
@@ -284,6 +289,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
             raise CheckpointError(f"cannot resume from {resume_from}: {err}") from err
     if tc.gradient_checkpointing:
         model.encoder.gradient_checkpointing_enable()
+    if fsdp:
+        held = shard_frozen_bases(model, env.device, env.world_size)
+        print(f"fsdp: rank {env.rank} holds {held['sharded_local']} of the {held['sharded_total']} bytes of the "
+              f"sharded layers' weights, and {held['whole']} bytes of frozen weights kept whole", flush=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # ---- optimizer (one LR per group) and schedule (warmup, then cosine to max_steps)
@@ -342,9 +351,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     normalize = text_normalizer(m.whisper)
 
     def run_eval(at_step: int) -> Optional[Dict[str, Any]]:
-        """Greedy WER/CER on the first ``eval_utterances`` of ``data.eval`` (main process; others wait)."""
+        """Greedy WER/CER on the first ``eval_utterances`` of ``data.eval`` (main process; others wait, or under
+        fsdp, whose layers every process must gather together, evaluate the same utterances alongside)."""
         summary = None
-        if env.is_main and cfg.data.eval:
+        if (env.is_main or fsdp) and cfg.data.eval:
             source = open_source(cfg.data, cfg.data.eval, for_eval=True)
             summary = evaluate(model, eval_batches(source, tc.eval_batch_size, limit=tc.eval_utterances),
                                normalize=normalize, max_new_tokens=m.max_new_tokens)
@@ -376,8 +386,12 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
         # this process's sums over its micro-batches: token loss, target tokens, token-weighted aux loss, samples
         sums = torch.zeros(4, dtype=torch.float64, device=env.device)
         for batch in next_micro_batches():
-            if batch is None:           # this process's slice of a small global batch is empty
+            # an empty slice of a small global batch: nothing to do, except under fsdp, where every process joins
+            # each layer's gathers in the same order: a placeholder utterance, with zero weight
+            placeholder = batch is None
+            if placeholder and not fsdp:
                 continue
+            batch = placeholder_batch() if placeholder else batch
             features, mask = model.features(batch.to(env.device))
             with autocast_for(model):
                 out = model(features, attention_mask=mask, texts=batch.texts, prompts=batch.prompts,
@@ -387,9 +401,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
             if tc.aux_loss_weight > 0:   # token-weighted, like the main loss
                 aux = load_balancing_loss(out.gating, mask=out.gating_mask) * out.num_tokens
                 objective = objective + tc.aux_loss_weight * aux
-            scaler.scale(objective).backward()
-            sums += torch.stack([out.loss_sum.detach().double(), out.num_tokens.double(), aux.detach().double(),
-                                 torch.tensor(len(batch), dtype=torch.float64, device=env.device)])
+            scaler.scale(objective * (0.0 if placeholder else 1.0)).backward()
+            if not placeholder:
+                sums += torch.stack([out.loss_sum.detach().double(), out.num_tokens.double(), aux.detach().double(),
+                                     torch.tensor(len(batch), dtype=torch.float64, device=env.device)])
 
         # mean over the global batch's target tokens: gradients summed over processes, then divided (a global batch
         # whose every row was skipped has no tokens: a non-finite loss, and the step is skipped)

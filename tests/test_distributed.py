@@ -1,6 +1,7 @@
 """Several CPU processes (torchrun, gloo, float32) train the same model as one process with the same global batch,
 however the global batch is split between processes and accumulation steps."""
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -36,11 +37,11 @@ def torchrun(config, *args: str, nproc: int = 2, script=None, env=()) -> subproc
 
 
 def buckets_data() -> str:
-    """18 utterances in row groups of 5: with buckets of 8 rows and global batches of 4, three buckets and five
-    steps an epoch (the last bucket's one batch of 2 leaves slices empty)."""
-    path = os.path.join(tiny_assets()["root"], "rows18.parquet")
+    """19 utterances in row groups of 5: with buckets of 8 rows and global batches of 4, three buckets and five
+    steps an epoch (the last bucket's one batch of 3 leaves a slice empty when cut in 4)."""
+    path = os.path.join(tiny_assets()["root"], "rows19.parquet")
     if not os.path.exists(path):
-        pq.write_table(pq.read_table(SPEECH).slice(20, 18), path, row_group_size=5)
+        pq.write_table(pq.read_table(SPEECH).slice(20, 19), path, row_group_size=5)
     return path
 
 
@@ -61,16 +62,28 @@ def whole(tmp_path_factory):
     return out
 
 
-def test_one_process_accumulation_and_two_processes_train_the_same_model(tmp_path, whole):
+def test_one_process_accumulation_and_two_processes_ddp_and_fsdp_train_the_same_model(tmp_path, whole):
     steps = STEPS
     shutil.copytree(whole, tmp_path / "whole")
     train(buckets_config(tmp_path / "accumulated", batch_size=2, grad_accum=2))
     save_config(buckets_config(tmp_path / "ddp", batch_size=2), str(tmp_path / "ddp.yaml"))
     torchrun(tmp_path / "ddp.yaml")
+    # fsdp, with gradient checkpointing through the sharded encoder layers; in step 5 rank 1's second micro-batch
+    # is empty, and it must still join the gathers of rank 0's
+    save_config(buckets_config(tmp_path / "fsdp", batch_size=1, grad_accum=2, parallel="fsdp",
+                               gradient_checkpointing=True),
+                str(tmp_path / "fsdp.yaml"))
+    held = re.findall(r"fsdp: rank (\d) holds (\d+) of the (\d+) bytes of the sharded layers' weights, and (\d+)",
+                      torchrun(tmp_path / "fsdp.yaml").stdout)
+    print("fsdp, bytes held per rank (rank, shard, sharded layers whole, kept whole):", held)
+    assert sorted(rank for rank, *_ in held) == ["0", "1"]
+    total = int(held[0][2])
+    assert sum(int(local) for _, local, *_ in held) == total > 0
+    assert all(0.45 * total <= int(local) <= 0.55 * total for _, local, *_ in held)
 
     whole = read_metrics(os.path.join(tmp_path / "whole", "metrics.jsonl"))
-    assert [r["samples"] for r in whole] == [4, 4, 4, 4, 2, 4]
-    for name in ("accumulated", "ddp"):
+    assert [r["samples"] for r in whole] == [4, 4, 4, 4, 3, 4]
+    for name in ("accumulated", "ddp", "fsdp"):
         records = read_metrics(os.path.join(tmp_path / name, "metrics.jsonl"))
         assert [r["step"] for r in records] == list(range(1, steps + 1))    # one log, written by rank 0 only
         assert [r["tokens"] for r in records] == [r["tokens"] for r in whole], name
@@ -82,7 +95,9 @@ def test_one_process_accumulation_and_two_processes_train_the_same_model(tmp_pat
         assert weights.keys() == reference.keys()                   # same layout, no "module." prefixes
         for key, value in reference.items():
             torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-5)
-    assert [s for s, _ in list_checkpoints(str(tmp_path / "ddp"))] == [4, 6]
+    for name in ("ddp", "fsdp"):
+        assert [s for s, _ in list_checkpoints(str(tmp_path / name))] == [4, 6]
+        assert all(type(t) is torch.Tensor for t in trained_weights(tmp_path / name).values())
 
 
 SIGNAL_ON_RANK_1 = """
