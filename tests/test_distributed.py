@@ -13,7 +13,9 @@ import torch
 from test_train import SPEECH, losses, tiny_assets, tiny_config, trained_weights
 
 from steermoe.checkpoint import list_checkpoints, step_dir
-from steermoe.config import save_config
+import steermoe.train
+from steermoe.config import ConfigError, save_config
+from steermoe.distributed import check_parallel
 from steermoe.train import read_metrics, train
 
 
@@ -134,3 +136,16 @@ def test_sigterm_on_one_rank_stops_all_after_the_step_and_one_process_resumes_th
     weights, expected = trained_weights(tmp_path / "run"), trained_weights(whole)
     for key, value in expected.items():
         torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-5)
+
+
+def test_fsdp_on_one_process_or_an_old_torch_is_an_error_before_any_model_loads(tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(steermoe.train, "build_model", lambda *args: loaded.append(args))
+    with pytest.raises(ConfigError, match=r"train\.parallel=fsdp shards .* needs at least 2; this run has 1"):
+        train(tiny_config(tmp_path, parallel="fsdp"))
+    assert not loaded
+    check_parallel("fsdp", 2)
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu124")
+    with pytest.raises(ValueError, match=r"fsdp needs torch >= 2\.6 \(FSDP2's fully_shard\); this is torch 2\.5\.1"):
+        check_parallel("fsdp", 2)
+    check_parallel("ddp", 1)
