@@ -9,6 +9,7 @@ runs. The steering tensors, the projector, the encoder's convolutional front end
 whole, plain tensors on every process, so the fused steering op, the optimizer and the checkpoints see exactly
 what they see without sharding.
 """
+import os
 import signal
 import threading
 from typing import Dict, List, Optional, Sequence
@@ -108,7 +109,8 @@ class StopSignals:
     """While entered, SIGTERM and SIGUSR1 (what job schedulers send ahead of a kill) are recorded, not fatal.
 
     ``received`` is the first signal's number (None until one arrives); the training loop reads it after each
-    optimizer step, agrees over processes, checkpoints and returns. The previous handlers come back on exit.
+    optimizer step, agrees over processes, checkpoints and returns. A second signal ends the process at once (as
+    without the handler: for a process stuck in a collective). The previous handlers come back on exit.
     Outside the main thread Python cannot install handlers: nothing is installed and the signals keep their
     default effect.
     """
@@ -122,6 +124,9 @@ class StopSignals:
     def _record(self, signum, frame) -> None:
         if self.received is None:
             self.received = signum
+            return
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():

@@ -71,10 +71,11 @@ def test_one_process_accumulation_and_two_processes_ddp_and_fsdp_train_the_same_
     save_config(buckets_config(tmp_path / "ddp", batch_size=2), str(tmp_path / "ddp.yaml"))
     torchrun(tmp_path / "ddp.yaml")
     # fsdp, with gradient checkpointing through the sharded encoder layers; in step 5 rank 1's second micro-batch
-    # is empty, and it must still join the gathers of rank 0's
-    save_config(buckets_config(tmp_path / "fsdp", batch_size=1, grad_accum=2, parallel="fsdp",
-                               gradient_checkpointing=True),
-                str(tmp_path / "fsdp.yaml"))
+    # is empty, and it must still join the gathers of rank 0's; greedy evaluation at the end on both processes
+    cfg = buckets_config(tmp_path / "fsdp", batch_size=1, grad_accum=2, parallel="fsdp", gradient_checkpointing=True,
+                         eval_utterances=2)
+    cfg.data.eval = [tiny_assets()["rows4"]]
+    save_config(cfg, str(tmp_path / "fsdp.yaml"))
     held = re.findall(r"fsdp: rank (\d) holds (\d+) of the (\d+) bytes of the sharded layers' weights, and (\d+)",
                       torchrun(tmp_path / "fsdp.yaml").stdout)
     print("fsdp, bytes held per rank (rank, shard, sharded layers whole, kept whole):", held)
@@ -86,7 +87,7 @@ def test_one_process_accumulation_and_two_processes_ddp_and_fsdp_train_the_same_
     whole = read_metrics(os.path.join(tmp_path / "whole", "metrics.jsonl"))
     assert [r["samples"] for r in whole] == [4, 4, 4, 4, 3, 4]
     for name in ("accumulated", "ddp", "fsdp"):
-        records = read_metrics(os.path.join(tmp_path / name, "metrics.jsonl"))
+        records = [r for r in read_metrics(os.path.join(tmp_path / name, "metrics.jsonl")) if "loss" in r]
         assert [r["step"] for r in records] == list(range(1, steps + 1))    # one log, written by rank 0 only
         assert [r["tokens"] for r in records] == [r["tokens"] for r in whole], name
         assert [r["samples"] for r in records] == [r["samples"] for r in whole], name
@@ -97,6 +98,8 @@ def test_one_process_accumulation_and_two_processes_ddp_and_fsdp_train_the_same_
         assert weights.keys() == reference.keys()                   # same layout, no "module." prefixes
         for key, value in reference.items():
             torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-5)
+    evals = [r for r in read_metrics(os.path.join(tmp_path / "fsdp", "metrics.jsonl")) if "eval/wer" in r]
+    assert [(r["step"], r["eval/utterances"]) for r in evals] == [(steps, 2)]
     for name in ("ddp", "fsdp"):
         assert [s for s, _ in list_checkpoints(str(tmp_path / name))] == [4, 6]
         assert all(type(t) is torch.Tensor for t in trained_weights(tmp_path / name).values())
@@ -149,3 +152,26 @@ def test_fsdp_on_one_process_or_an_old_torch_is_an_error_before_any_model_loads(
     with pytest.raises(ValueError, match=r"fsdp needs torch >= 2\.6 \(FSDP2's fully_shard\); this is torch 2\.5\.1"):
         check_parallel("fsdp", 2)
     check_parallel("ddp", 1)
+
+
+def test_a_second_stop_signal_ends_the_process_at_once():
+    code = ("import os, signal, time\nfrom steermoe.distributed import StopSignals\n"
+            "with StopSignals() as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
+            "    assert stop.received == signal.SIGTERM\n"
+            "    print('recorded', flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+            "print('not reached')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout == "recorded\n" and proc.returncode == -15, (proc.stdout, proc.stderr)
+
+
+def test_fsdp_with_bfloat16_bases_and_gradient_checkpointing_matches_ddp(tmp_path):
+    for parallel in ("ddp", "fsdp"):
+        save_config(tiny_config(tmp_path / parallel, dtype="bfloat16", batch_size=2, max_steps=2, parallel=parallel,
+                                gradient_checkpointing=True), str(tmp_path / f"{parallel}.yaml"))
+        torchrun(tmp_path / f"{parallel}.yaml")
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-5)
+    ddp, fsdp = trained_weights(tmp_path / "ddp"), trained_weights(tmp_path / "fsdp")
+    for key, value in ddp.items():
+        torch.testing.assert_close(fsdp[key], value, rtol=0, atol=1e-5)
