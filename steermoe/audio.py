@@ -30,6 +30,20 @@ def decode_audio(data: bytes) -> Tuple[np.ndarray, int]:
     return audio.mean(axis=1, dtype=np.float32), int(sample_rate)
 
 
+def audio_info(data: Union[bytes, str]) -> Tuple[int, int]:
+    """(frames, sample rate in Hz) of encoded audio ``data`` (bytes, or a file path) from its header, not decoding it.
+
+    Raises ``ValueError`` when libsndfile cannot read the header.
+    """
+    import soundfile as sf
+
+    try:
+        info = sf.info(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"not audio libsndfile can read: {getattr(err, 'error_string', None) or err}") from None
+    return int(info.frames), int(info.samplerate)
+
+
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     """Polyphase resampling of (S,) ``audio`` from ``orig_sr`` to ``target_sr`` Hz, anti-aliased (Kaiser FIR).
 

@@ -47,7 +47,9 @@ class DataConfig:
     min_seconds: Optional[float] = None
     max_seconds: float = 30.0             # in (0, 30] (Whisper's window); evaluation skips (and counts) longer rows too
     max_text_tokens: Optional[int] = None
-    bucket_size: Optional[int] = None     # rows sorted by length together, >= train.batch_size (None: 64 batches)
+    bucket_size: Optional[int] = None     # rows sorted by length together, rounded down to a multiple of the global
+                                          # batch (None: 64 global batches)
+    duration_column: Optional[str] = None  # seconds per row: plans length grouping without reading audio headers
 
 
 @dataclass
@@ -76,6 +78,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 10         # consecutive non-finite steps before the run stops (float16 overflows
                                           # while the loss scale is >= 1 do not count: the scaler halves it)
     device: str = "auto"                  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+    parallel: str = "ddp"                 # ddp: every process holds the frozen bases | fsdp: their layers sharded
 
 
 @dataclass
@@ -123,6 +126,7 @@ class Config:
         _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "in [0, 1]", t.min_lr_ratio)
         _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
                  "two numbers in [0, 1)", t.betas)
+        _require(t.parallel in ("ddp", "fsdp"), "train.parallel", "ddp or fsdp", t.parallel)
         _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", ">= 1", t.max_nonfinite_steps)
         _require(bool(self.output_dir), "output_dir", "a directory path")
         return self

@@ -13,10 +13,10 @@ counted by reason in ``source.skipped`` (a ``collections.Counter``), never silen
     too_long            over ``max_seconds``
     text_too_long       more than ``max_text_tokens`` tokens
 
-``SpeechBatches`` turns a source into batches: rows are split between data-parallel ranks, read in buckets,
-sorted by length inside each bucket and cut into batches, so padding stays small; everything is seeded.
+``SpeechBatches`` turns a source into global batches, the same however they are split between processes and
+accumulation steps: rows are planned in buckets sorted by duration (read without decoding), so padding stays
+small, and each rank decodes only its slice of each global batch; everything is seeded.
 """
-import bisect
 import glob
 import logging
 import math
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .audio import MIN_SAMPLES, SAMPLE_RATE, decode_audio, resample
+from .audio import MIN_SAMPLES, SAMPLE_RATE, audio_info, decode_audio, resample
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ class ParquetSpeechSource:
             means the model's default instruction).
         min_seconds, max_seconds, max_text_tokens: filters (``max_text_tokens`` needs ``tokenizer``).
         sampling_rate_column: the rate column used with a float list audio column.
+        duration_column: an optional column of durations in seconds; :meth:`durations` reads it instead of the
+            audio headers (length grouping then reads no audio bytes to plan).
 
     Every file is opened at construction: one that is not parquet, lacks a column, or whose audio column has a
     layout not listed above raises ``ValueError`` naming the file (and listing its columns). ``skipped`` counts the
@@ -143,12 +145,12 @@ class ParquetSpeechSource:
                  prompt_column: Optional[str] = None, id_column: Optional[str] = None,
                  min_seconds: Optional[float] = None, max_seconds: Optional[float] = None,
                  max_text_tokens: Optional[int] = None, tokenizer=None,
-                 sampling_rate_column: str = "sampling_rate"):
+                 sampling_rate_column: str = "sampling_rate", duration_column: Optional[str] = None):
         if max_text_tokens is not None and tokenizer is None:
             raise ValueError("max_text_tokens needs a tokenizer to count tokens with")
         self.audio_column, self.text_column = audio_column, text_column
         self.prompt_column, self.id_column = prompt_column, id_column
-        self.sampling_rate_column = sampling_rate_column
+        self.sampling_rate_column, self.duration_column = sampling_rate_column, duration_column
         self.min_seconds, self.max_seconds = min_seconds, max_seconds
         self.max_text_tokens, self.tokenizer = max_text_tokens, tokenizer
         self.files = resolve_parquet_files(paths)
@@ -168,6 +170,7 @@ class ParquetSpeechSource:
                 offset += rows
         self._open_file: Tuple[Optional[int], object] = (None, None)
         self._last_group: Tuple[Optional[int], object] = (None, None)
+        self._durations: dict = {}
 
     @property
     def num_rows(self) -> int:
@@ -197,6 +200,66 @@ class ParquetSpeechSource:
         return ", ".join(f"{reason}={count}" for reason, count in sorted(self.skipped.items())) or "none"
 
     # ------------------------------------------------------------------------------------------ reading
+    def durations(self, unit: int) -> np.ndarray:
+        """(rows,) int64: each row of ``units[unit]``'s length in 16 kHz samples, found without decoding audio.
+
+        Read from ``duration_column`` when set, else from raw sample counts and rates, or from each encoded row's
+        header (libsndfile: frames and rate). 0 where unknown (a null or unreadable row: it is counted as skipped
+        when read). Computed once per row group.
+        """
+        if unit not in self._durations:
+            self._durations[unit] = self._read_durations(unit)
+        return self._durations[unit]
+
+    def _read_durations(self, unit: int) -> np.ndarray:
+        file_index, group, size, _ = self.units[unit]
+        file, kind = self.files[file_index], self._audio_kind[file_index]
+        parquet = self._open(file)
+        if self.duration_column is not None:
+            seconds = parquet.read_row_group(group, columns=[self.duration_column]).column(0)
+            seconds = seconds.to_numpy().astype(np.float64)
+            ok = np.isfinite(seconds) & (seconds > 0)
+            return np.where(ok, np.round(np.where(ok, seconds, 0) * SAMPLE_RATE), 0).astype(np.int64)
+        columns = [self.audio_column] + ([self.sampling_rate_column] if kind == "samples" else [])
+        table = parquet.read_row_group(group, columns=columns)
+        audio = table.column(self.audio_column).combine_chunks()
+        frames = np.zeros(size, dtype=np.int64)
+        rates = np.zeros(size, dtype=np.float64)
+        for i in range(size):
+            try:
+                if kind in ("samples", "array"):
+                    samples = audio[i] if kind == "samples" else audio.field("array")[i]
+                    rate = (table.column(self.sampling_rate_column)[i] if kind == "samples" else
+                            audio.field("sampling_rate")[i]).as_py()
+                    if not audio[i].is_valid or not samples.is_valid:
+                        continue
+                    values = samples.values
+                    frames[i] = max(len(values), len(values[0].values)) if _is_list(values.type) and len(values) \
+                        else len(values)
+                    rates[i] = _sampling_rate(rate)
+                else:
+                    frames[i], rates[i] = audio_info(self._encoded(kind, audio, i, file))
+            except (_Skip, ValueError, TypeError, OSError):
+                pass            # unknown: 0, and the read counts the row's reason
+        known = rates > 0
+        return np.where(known, np.ceil(frames * SAMPLE_RATE / np.where(known, rates, 1)), 0).astype(np.int64)
+
+    @staticmethod
+    def _encoded(kind: str, column, i: int, file: str) -> Union[bytes, str]:
+        """Row ``i``'s encoded audio: its bytes, or the path of the file a ``datasets`` row refers to."""
+        if not column[i].is_valid:
+            raise _Skip("missing_audio", "audio is null")
+        if kind == "binary":
+            return column[i].as_py()
+        data = column.field("bytes")[i].as_py()
+        if data is not None:
+            return data
+        path = column.field("path")[i].as_py() if column.type.get_field_index("path") >= 0 else None
+        found = _referenced_path(path, file)
+        if found is None:
+            raise _Skip("missing_audio", f"no bytes, and path {path!r} is not a readable file")
+        return found
+
     def read(self, unit: int, rows: Optional[np.ndarray] = None,
              count: bool = True) -> Iterator[Optional[SpeechExample]]:
         """One item per row of row group ``units[unit]``: an example, or None when skipped.
@@ -275,15 +338,10 @@ class ParquetSpeechSource:
                 raise _Skip("missing_audio", "the sample array is null")
             rate = _sampling_rate(rate)
             return _to_mono(samples.values), rate
-        if kind == "struct":
-            data, path = column.field("bytes")[i].as_py(), None
-            if data is None:
-                path = column.field("path")[i].as_py() if column.type.get_field_index("path") >= 0 else None
-                data = _read_referenced(path, file)
-                if data is None:
-                    raise _Skip("missing_audio", f"no bytes, and path {path!r} is not a readable file")
-        else:
-            data = column[i].as_py()
+        data = ParquetSpeechSource._encoded(kind, column, i, file)
+        if isinstance(data, str):
+            with open(data, "rb") as f:
+                data = f.read()
         return decode_audio(data)
 
     def _check_audio(self, decoded: Tuple[np.ndarray, int]) -> np.ndarray:
@@ -325,7 +383,8 @@ class ParquetSpeechSource:
         import pyarrow as pa
 
         names = schema.names
-        needed = [self.audio_column, self.text_column] + [c for c in (self.prompt_column, self.id_column) if c]
+        optional = (self.prompt_column, self.id_column, self.duration_column)
+        needed = [self.audio_column, self.text_column] + [c for c in optional if c]
         missing = [c for c in needed if c not in names]
         audio_type = schema.field(self.audio_column).type if self.audio_column in names else None
         kind = samples_type = None
@@ -411,127 +470,142 @@ def _pcm_to_float(values) -> np.ndarray:
     return samples.astype(np.float32, copy=False)
 
 
-def _read_referenced(path: Optional[str], parquet_file: str) -> Optional[bytes]:
-    """Bytes of the audio file a ``datasets`` row refers to (absolute, or relative to the parquet file)."""
+def _referenced_path(path: Optional[str], parquet_file: str) -> Optional[str]:
+    """The audio file a ``datasets`` row refers to (absolute, or relative to the parquet file), if it exists."""
     if not path:
         return None
     for candidate in (path, os.path.join(os.path.dirname(parquet_file), path)):
         if os.path.isfile(candidate):
-            with open(candidate, "rb") as f:
-                return f.read()
+            return candidate
     return None
 
 
 class SpeechBatches:
-    """Length-grouped, seeded, shardable, resumable batches of a :class:`ParquetSpeechSource`.
+    """Global batches of a :class:`ParquetSpeechSource`, length-grouped and seeded, each rank's share decoded.
 
-    Per epoch the row groups are put in a seeded order and the rows of each row group in a seeded order of their
-    own (both in file order with ``shuffle=False``); the rows, in that order, are split into ``world_size``
-    contiguous shares (sizes differ by at most one), so buckets, batches and each rank's share change every epoch,
-    even for a file with a single row group. Rows are shuffled only within their row group so that memory holds
-    one row group and a rank reads each row group at most once per epoch (a bucket without usable rows aside).
-    A rank reads its rows ``bucket_size`` at a time, sorts each bucket by duration (ties in seeded order) and cuts
-    it into batches of near-equal size, served in seeded order (by increasing length with ``shuffle=False``). The
-    number of batches per epoch, ``len(self)``, is computed from the row counts alone, so it is the same on every
-    rank (DDP never waits on a rank that ran out) and does not depend on skipped rows: a bucket with skipped rows
-    gives slightly smaller batches. A bucket with fewer usable rows than batches repeats some of them, and one
-    without any borrows the next usable row of the epoch's order (both counted in ``duplicated`` and logged).
+    The sequence of global batches (which rows, in which step) depends only on the data, ``seed``, ``shuffle``,
+    ``bucket_size`` and the global batch size ``batch_size × grad_accum × world_size``, not on how that product is
+    split, so one process with accumulation and many processes train on the same batches. Per epoch the row groups
+    are put in a seeded order and the rows of each row group in a seeded order of their own (file order with
+    ``shuffle=False``). That order is cut into buckets of ``bucket_size`` rows; a bucket's rows are sorted by
+    duration (:meth:`ParquetSpeechSource.durations`: a duration column or the audio headers, nothing decoded; ties in
+    seeded order), cut into ``ceil(rows / global batch)`` global batches of near-equal size and served in seeded
+    order (by increasing length with ``shuffle=False``). Each global batch, still sorted by length, is cut into
+    ``world_size × grad_accum`` near-equal slices; micro-batch ``i`` of rank ``r`` is slice ``i × world_size + r``, so
+    the ranks of one micro-step hold neighbouring lengths. A rank decodes only its own slices, a bucket at a time,
+    each row group once per bucket.
 
-    Resuming: ``state_dict()`` is ``{"epoch", "batches_done"}`` (batches handed out so far in the epoch), the same on
-    every rank; after ``load_state_dict`` the next iteration continues with the next batch, reading no bucket
-    whose batches were all consumed.
+    Iterating yields one item per optimizer step: this rank's ``grad_accum`` micro-batches, each a
+    :class:`SpeechBatch` or None (a slice without rows: a small last batch, or all its rows skipped). Rows skipped
+    when decoded leave their micro-batch smaller; every split skips the same rows. ``len(self)`` (steps per epoch)
+    follows from the row counts alone, so it is the same on every rank.
+
+    Resuming: ``state_dict()`` is ``{"epoch", "steps_done", "global_batch"}``, the same on every rank and for every
+    split; ``load_state_dict`` continues with the next global batch, reading no bucket whose batches were all
+    consumed, and raises ``ValueError`` naming both values when the global batch differs.
 
     Args:
         source: the rows.
-        batch_size: examples per batch (at most; fewer where rows were skipped, or in the last batch).
-        bucket_size: rows sorted together (default 64 batches); rounded down to a multiple of ``batch_size``.
-            Memory: one bucket of decoded float32 audio, e.g. 1024 × 15 s ≈ 1 GB.
+        batch_size: examples per micro-batch (at most).
+        grad_accum: micro-batches per step on each rank.
+        bucket_size: rows sorted together (default 64 global batches); rounded down to a multiple of the global
+            batch. Memory: a rank's share of one bucket of decoded float32 audio, e.g. 1024 × 15 s ≈ 1 GB.
         shuffle, seed: seeded order of row groups, rows within a row group, and batches within a bucket.
         rank, world_size: this process's share.
-        drop_last: drop each epoch's last, incomplete batch.
+        drop_last: each bucket makes only full global batches (a seeded choice of rows is left out).
     """
 
-    def __init__(self, source: ParquetSpeechSource, batch_size: int, *, bucket_size: Optional[int] = None,
-                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
-        if world_size < 1 or not 0 <= rank < world_size:
+    def __init__(self, source: ParquetSpeechSource, batch_size: int, *, grad_accum: int = 1,
+                 bucket_size: Optional[int] = None, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False):
+        for name, value in (("batch_size", batch_size), ("grad_accum", grad_accum), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
-        bucket_size = 64 * batch_size if bucket_size is None else int(bucket_size)
-        if bucket_size < batch_size:
-            raise ValueError(f"bucket_size must be >= batch_size={batch_size}; got {bucket_size}")
+        self.global_batch = batch_size * grad_accum * world_size
+        bucket_size = 64 * self.global_batch if bucket_size is None else int(bucket_size)
+        if bucket_size < self.global_batch:
+            raise ValueError(f"bucket_size must be >= the global batch {self.global_batch} (batch_size {batch_size} × "
+                             f"grad_accum {grad_accum} × {world_size} processes); got {bucket_size}")
         if source.num_rows == 0:
             raise ValueError(f"no rows in {', '.join(source.files)}")
-        self.source, self.batch_size = source, batch_size
-        self.bucket_size = bucket_size - bucket_size % batch_size
+        self.source, self.batch_size, self.grad_accum = source, batch_size, grad_accum
+        self.bucket_size = bucket_size - bucket_size % self.global_batch
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.batches_done = 0
-        self.duplicated = 0
-        share = math.ceil(source.num_rows / world_size)   # the largest rank's rows; every rank plans for it
-        self._quotas = [min(self.bucket_size, share - start) for start in range(0, share, self.bucket_size)]
+        self.steps_done = 0
+        n = source.num_rows
+        self._quotas = [min(self.bucket_size, n - start) for start in range(0, n, self.bucket_size)]
 
     def _batches_in(self, quota: int) -> int:
-        return quota // self.batch_size if self.drop_last else math.ceil(quota / self.batch_size)
+        return quota // self.global_batch if self.drop_last else math.ceil(quota / self.global_batch)
 
     def __len__(self) -> int:
         return sum(self._batches_in(q) for q in self._quotas)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its first batch at the next iteration."""
-        self.epoch, self.batches_done = int(epoch), 0
+        """Start ``epoch`` from its first step at the next iteration."""
+        self.epoch, self.steps_done = int(epoch), 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
+        return {"epoch": self.epoch, "steps_done": self.steps_done, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        if "steps_done" not in state:
+            raise ValueError(f"data state {state} has no 'steps_done': it comes from a version that batched per "
+                             "process; finish that run with the version that started it")
+        if int(state["global_batch"]) != self.global_batch:
+            raise ValueError(f"the checkpoint's global batch is {state['global_batch']}, this run's is "
+                             f"{self.global_batch} (batch_size {self.batch_size} × grad_accum {self.grad_accum} × "
+                             f"{self.world_size} processes); the data position only carries over unchanged")
+        self.epoch, self.steps_done = int(state["epoch"]), int(state["steps_done"])
 
-    def __iter__(self) -> Iterator[SpeechBatch]:
-        if self.batches_done >= len(self):
+    def __iter__(self) -> Iterator[List[Optional[SpeechBatch]]]:
+        if self.steps_done >= len(self):
             self.set_epoch(self.epoch + 1)
         epoch = self.epoch
-        plan = self._plan(epoch)
-        n = self.source.num_rows
-        first = self.rank * n // self.world_size
-        last = (self.rank + 1) * n // self.world_size
+        order = self._order(epoch)
         done = 0
         for k, quota in enumerate(self._quotas):
             n_batches = self._batches_in(quota)
-            if done + n_batches <= self.batches_done:
+            if done + n_batches <= self.steps_done:
                 done += n_batches
                 continue
-            lo = min(first + k * self.bucket_size, last)
-            hi = min(lo + self.bucket_size, last)
-            examples = [e for e in self._read(plan, lo, hi) if e is not None]
-            if not examples:
-                examples = [self._borrow(plan, hi)]
-            batches = self._group(examples, n_batches, self._rng(epoch, 3, self.rank, k))
-            for j in range(self.batches_done - done, n_batches):
-                self.batches_done = done + j + 1
-                yield collate(batches[j])
+            units, rows = order[0][k * self.bucket_size:][:quota], order[1][k * self.bucket_size:][:quota]
+            batches = self._group(units, rows, n_batches, self._rng(epoch, 3, k))[self.steps_done - done:]
+            mine = [[batch[i * self.world_size + self.rank] for i in range(self.grad_accum)] for batch in batches]
+            examples = self._decode(units, rows, np.concatenate([np.concatenate(m) for m in mine]))
+            for micro in mine:
+                self.steps_done += 1
+                chosen = [[examples[i] for i in part if examples[i] is not None] for part in micro]
+                yield [collate(part) if part else None for part in chosen]
             done += n_batches
         self.source.log_skipped()
         self.set_epoch(epoch + 1)
 
-    def _group(self, examples: List[SpeechExample], n_batches: int, rng: np.random.Generator):
-        """Sort ``examples`` by length and cut them into ``n_batches`` near-equal batches, in serving order."""
-        capacity = n_batches * self.batch_size
-        if len(examples) > capacity:    # drop_last's final bucket: a seeded choice of which rows to leave out
-            keep = np.sort(rng.choice(len(examples), capacity, replace=False))
-            examples = [examples[i] for i in keep]
-        if len(examples) < n_batches:   # too few usable rows for one per batch: repeat some
-            extra = rng.choice(len(examples), n_batches - len(examples))
-            self.duplicated += len(extra)
-            logger.warning("only %d usable rows for %d batches in a bucket; repeating %d of them",
-                           len(examples), n_batches, len(extra))
-            examples = examples + [examples[i] for i in extra]
-        ties = rng.permutation(len(examples)) if self.shuffle else np.arange(len(examples))
-        by_length = sorted(ties, key=lambda i: len(examples[i].audio))
-        chunks = np.array_split(np.asarray(by_length), n_batches)
+    def _group(self, units: np.ndarray, rows: np.ndarray, n_batches: int, rng: np.random.Generator):
+        """A bucket's global batches in serving order, each as its ``world_size × grad_accum`` slices of indices
+        into the bucket (sorted by duration)."""
+        index = np.arange(len(units))
+        if len(index) > n_batches * self.global_batch:      # drop_last: a seeded choice of the rows left out
+            index = np.sort(rng.choice(len(index), n_batches * self.global_batch, replace=False))
+        lengths = np.array([self.source.durations(u)[r] for u, r in zip(units[index], rows[index])], dtype=np.int64)
+        ties = rng.permutation(len(index)) if self.shuffle else np.arange(len(index))
+        by_length = index[ties[np.argsort(lengths[ties], kind="stable")]]
+        chunks = np.array_split(by_length, n_batches)
         serve = rng.permutation(n_batches) if self.shuffle else range(n_batches)
-        return [[examples[i] for i in chunks[j]] for j in serve]
+        return [np.array_split(chunks[j], self.world_size * self.grad_accum) for j in serve]
+
+    def _decode(self, units: np.ndarray, rows: np.ndarray, chosen: np.ndarray) -> dict:
+        """{bucket index: example or None} for the ``chosen`` rows, read in epoch order, one row group at a time."""
+        chosen = np.sort(chosen)
+        examples = {}
+        for part in np.split(chosen, np.flatnonzero(np.diff(units[chosen])) + 1) if len(chosen) else []:
+            for i, example in zip(part, self.source.read(int(units[part[0]]), rows[part])):
+                examples[int(i)] = example
+        return examples
 
     def _rng(self, epoch: int, purpose: int, *key: int) -> np.random.Generator:
         """The generator for one ``purpose`` (1: row-group order, 2: rows of a row group, 3: a bucket) and ``key``.
@@ -540,37 +614,12 @@ class SpeechBatches:
         """
         return np.random.default_rng([self.seed, epoch, purpose, *key])
 
-    def _plan(self, epoch: int) -> Tuple[int, np.ndarray, List[int]]:
-        """(epoch, the epoch's row-group order, each group's first row in the concatenated order)."""
-        units = len(self.source.units)
-        order = self._rng(epoch, 1).permutation(units) if self.shuffle else np.arange(units)
-        starts = [0]
-        for unit in order:
-            starts.append(starts[-1] + self.source.units[unit][2])
-        return epoch, order, starts
-
-    def _read(self, plan, lo: int, hi: int, count: bool = True) -> Iterator[Optional[SpeechExample]]:
-        """Rows ``lo`` .. ``hi`` of the ``plan``'s epoch order (None for skipped rows)."""
-        epoch, order, starts = plan
-        position = bisect.bisect_right(starts, lo) - 1
-        while lo < hi:
-            end = min(hi, starts[position + 1])
-            unit = int(order[position])
+    def _order(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The epoch's row order: (row group index, row within it) per position, both (num_rows,)."""
+        count = len(self.source.units)
+        units, rows = [], []
+        for unit in (self._rng(epoch, 1).permutation(count) if self.shuffle else range(count)):
             size = self.source.units[unit][2]
-            rows = self._rng(epoch, 2, unit).permutation(size) if self.shuffle else np.arange(size)
-            yield from self.source.read(unit, rows[lo - starts[position]:end - starts[position]], count=count)
-            lo, position = end, position + 1
-
-    def _borrow(self, plan, start: int) -> SpeechExample:
-        """The first usable row from ``start`` on, wrapping around, for a bucket without usable rows.
-
-        The row is then served twice this epoch: counted in ``duplicated`` and logged.
-        """
-        for lo, hi in ((start, self.source.num_rows), (0, start)):
-            for example in self._read(plan, lo, hi, count=False):
-                if example is not None:
-                    self.duplicated += 1
-                    logger.warning("a bucket of rank %d has no usable row; repeating %s from elsewhere", self.rank,
-                                   example.id)
-                    return example
-        raise self.source.no_usable_rows()
+            units.append(np.full(size, unit))
+            rows.append(self._rng(epoch, 2, unit).permutation(size) if self.shuffle else np.arange(size))
+        return np.concatenate(units), np.concatenate(rows)

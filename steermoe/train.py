@@ -3,14 +3,19 @@
     python -m steermoe.train --config run.yaml [section.key=value ...] [--resume | --overwrite]
     torchrun --nproc_per_node 8 -m steermoe.train --config run.yaml
 
-One optimizer step reads ``grad_accum`` micro-batches of ``batch_size`` examples on every process. The loss is
-the mean over all target tokens of that global batch: each micro-batch backpropagates its token-summed loss,
-and the accumulated gradient is divided by the global token count (summed over micro-batches and processes)
-before clipping, so an update does not depend on how the global batch is split. With float16 frozen weights the
+One optimizer step trains on one global batch of ``batch_size × grad_accum × processes`` examples, the same
+batches however that product is split (:class:`~steermoe.data.SpeechBatches`); each process reads its
+``grad_accum`` micro-batches of it. The loss is the mean over all target tokens of the global batch: each
+micro-batch backpropagates its token-summed loss, the gradients are summed over processes, and divided by the
+global token count before clipping, so an update does not depend on how the global batch is split. With float16 frozen weights the
 loss is scaled (``torch.amp.GradScaler``) for the backward and the gradient unscaled before that division.
 
+SIGTERM or SIGUSR1 (sent by job schedulers before a kill) makes every process finish the current optimizer step;
+the run then writes a checkpoint, says ``interrupted at step N; checkpoint written: ...`` and returns normally.
+
 ``--resume`` continues from the newest checkpoint, with the config the run had: only the keys in
-``RESUME_MAY_CHANGE`` (``max_steps``, logging, evaluation and saving intervals, ...) may differ.
+``RESUME_MAY_CHANGE`` (``max_steps``, logging, evaluation and saving intervals, ...) may differ, and the number of
+processes, ``batch_size`` and ``grad_accum`` may too as long as the global batch stays the same.
 """
 import contextlib
 import json
@@ -27,11 +32,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import (CheckpointError, check_output_dir, load_training_state, remove_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
+from .distributed import StopSignals, all_reduce_gradients, check_parallel, placeholder_batch, shard_frozen_bases
 from .fileio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -150,7 +155,7 @@ def open_source(data: DataConfig, paths: List[str], *, tokenizer=None, for_eval:
 
     return ParquetSpeechSource(
         paths, audio_column=data.audio_column, text_column=data.text_column, prompt_column=data.prompt_column,
-        id_column=data.id_column, max_seconds=data.max_seconds,
+        id_column=data.id_column, duration_column=data.duration_column, max_seconds=data.max_seconds,
         min_seconds=None if for_eval else data.min_seconds,
         max_text_tokens=None if for_eval else data.max_text_tokens,
         tokenizer=None if for_eval or data.max_text_tokens is None else tokenizer)
@@ -204,11 +209,12 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
 
 
 # keys a resumed run may change: they touch neither the data order nor the optimization trajectory, except that a
-# new max_steps moves the end of the cosine schedule (the point of extending a run)
-RESUME_MAY_CHANGE = frozenset({
+# new max_steps moves the end of the cosine schedule (the point of extending a run); batch_size and grad_accum split
+# the global batch, which the checkpoint's data state holds and checks
+RESUME_MAY_CHANGE = frozenset({"train.batch_size", "train.grad_accum",
     "output_dir", "model.max_new_tokens", "data.eval", "train.max_steps", "train.log_every", "train.eval_every",
     "train.eval_utterances", "train.eval_batch_size", "train.save_every", "train.keep_checkpoints",
-    "train.gradient_checkpointing", "train.max_nonfinite_steps", "train.device"})
+    "train.gradient_checkpointing", "train.max_nonfinite_steps", "train.device", "train.parallel"})
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -248,7 +254,13 @@ def check_resume_config(cfg: Config, saved_path: str) -> None:
 # ----------------------------------------------------------------------------------------------- the loop
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict[str, Any]:
-    """Train as ``cfg`` says; returns ``{"step", "loss", "checkpoint", "eval", "nonfinite_steps"}``."""
+    """Train as ``cfg`` says; returns ``{"step", "loss", "checkpoint", "eval", "nonfinite_steps", "interrupted"}``
+    (``interrupted``: a SIGTERM or SIGUSR1 stopped the run early, after checkpointing)."""
+    with StopSignals() as stop_signals:
+        return _train(cfg, resume, overwrite, stop_signals)
+
+
+def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .analysis import load_balancing_loss
@@ -257,6 +269,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
 
     tc = cfg.train
     env = init_distributed(tc.device)
+    try:
+        check_parallel(tc.parallel, env.world_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    fsdp = tc.parallel == "fsdp"
     resume_from = check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
     if resume_from is not None:
         check_resume_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
@@ -264,7 +281,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
 
     # ---- model: frozen Whisper encoder + frozen LLM, trainable steering and projector (fp32)
     m = cfg.model
-    model = build_model(m, env.device)
+    model = build_model(m, torch.device("cpu") if fsdp else env.device)   # fsdp: sharded onto the device below
     if resume_from is not None:
         try:
             model.load_trainable(resume_from)
@@ -272,6 +289,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
             raise CheckpointError(f"cannot resume from {resume_from}: {err}") from err
     if tc.gradient_checkpointing:
         model.encoder.gradient_checkpointing_enable()
+    if fsdp:
+        held = shard_frozen_bases(model, env.device, env.world_size)
+        print(f"fsdp: rank {env.rank} holds {held['sharded_local']} of the {held['sharded_total']} bytes of the "
+              f"sharded layers' weights, and {held['whole']} bytes of frozen weights kept whole", flush=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # ---- optimizer (one LR per group) and schedule (warmup, then cosine to max_steps)
@@ -282,40 +303,36 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
     # gradient overflowed is skipped (and counted) like any non-finite step, and the scale halves
     scaler = torch.amp.GradScaler(env.device.type, enabled=m.dtype == "float16")
 
-    # ---- data: length-grouped batches, sharded over processes, the same number of batches on each
+    # ---- data: length-grouped global batches, each process reading its slice of each
     train_batches = SpeechBatches(open_source(cfg.data, cfg.data.train, tokenizer=model.tokenizer), tc.batch_size,
-                                  bucket_size=cfg.data.bucket_size, shuffle=True, seed=tc.seed, rank=env.rank,
-                                  world_size=env.world_size)
+                                  grad_accum=tc.grad_accum, bucket_size=cfg.data.bucket_size, shuffle=True,
+                                  seed=tc.seed, rank=env.rank, world_size=env.world_size)
     if cfg.data.eval:   # an eval set without a usable row fails now, not at the first evaluation
         next(eval_batches(open_source(cfg.data, cfg.data.eval, for_eval=True), 1, limit=1))
     step = nonfinite_total = nonfinite_in_a_row = 0
     if resume_from is not None:
         state = load_training_state(resume_from)
-        if state["world_size"] != env.world_size:   # batch_size is per process: the data position would shift
-            raise CheckpointError(f"cannot resume {resume_from} on {env.world_size} processes: it was trained on "
-                                  f"{state['world_size']}")
+        try:
+            train_batches.load_state_dict(state["data"])
+        except ValueError as err:
+            raise CheckpointError(f"cannot resume {resume_from}: {err}") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        train_batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         step, nonfinite_total, nonfinite_in_a_row = state["step"], state["nonfinite_total"], state["nonfinite_in_a_row"]
+        if env.is_main:
+            print(f"resuming from step {step} (checkpoint {resume_from})", flush=True)
     batch_iter = iter(train_batches)
 
-    def next_batch():
+    def next_micro_batches():
+        """This process's ``grad_accum`` micro-batches of the next global batch (None: an empty slice)."""
         nonlocal batch_iter
-        for _ in range(2):
-            try:
-                return next(batch_iter)
-            except StopIteration:           # end of epoch: the data's own state knows which epoch comes next
-                batch_iter = iter(train_batches)
-        raise TrainingError(f"the training data yields no batch: {', '.join(cfg.data.train)} "
-                            f"(skipped rows: {dict(train_batches.source.skipped) or 'none'})")
-
-    # ---- distributed wrapper: gradients of the trainable tensors are averaged over processes
-    ddp = model
-    if env.world_size > 1:
-        ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        try:
+            return next(batch_iter)
+        except StopIteration:           # end of epoch: the data's own state knows which epoch comes next
+            batch_iter = iter(train_batches)
+            return next(batch_iter)
 
     # ---- outputs: config, metrics log, progress bar (main process only)
     if env.is_main:
@@ -334,9 +351,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
     normalize = text_normalizer(m.whisper)
 
     def run_eval(at_step: int) -> Optional[Dict[str, Any]]:
-        """Greedy WER/CER on the first ``eval_utterances`` of ``data.eval`` (main process; others wait)."""
+        """Greedy WER/CER on the first ``eval_utterances`` of ``data.eval`` (main process; others wait, or under
+        fsdp, whose layers every process must gather together, evaluate the same utterances alongside)."""
         summary = None
-        if env.is_main and cfg.data.eval:
+        if (env.is_main or fsdp) and cfg.data.eval:
             source = open_source(cfg.data, cfg.data.eval, for_eval=True)
             summary = evaluate(model, eval_batches(source, tc.eval_batch_size, limit=tc.eval_utterances),
                                normalize=normalize, max_new_tokens=m.max_new_tokens)
@@ -362,37 +380,40 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
     # ---- the loop
     model.train()
     loss = float("nan")
-    checkpoint_path, eval_summary = resume_from, None
+    checkpoint_path, eval_summary, interrupted = resume_from, None, False
     while step < tc.max_steps:
         t_start = time.perf_counter()
-        micro_batches = [next_batch() for _ in range(tc.grad_accum)]
         # this process's sums over its micro-batches: token loss, target tokens, token-weighted aux loss, samples
         sums = torch.zeros(4, dtype=torch.float64, device=env.device)
-        for i, batch in enumerate(micro_batches):
+        for batch in next_micro_batches():
+            # an empty slice of a small global batch: nothing to do, except under fsdp, where every process joins
+            # each layer's gathers in the same order: a placeholder utterance, with zero weight
+            placeholder = batch is None
+            if placeholder and not fsdp:
+                continue
+            batch = placeholder_batch() if placeholder else batch
             features, mask = model.features(batch.to(env.device))
-            last = i == len(micro_batches) - 1
-            # gradients are all-reduced over processes only on the last micro-batch
-            sync = ddp.no_sync() if env.world_size > 1 and not last else contextlib.nullcontext()
-            with sync:
-                with autocast_for(model):
-                    out = ddp(features, attention_mask=mask, texts=batch.texts, prompts=batch.prompts,
-                              return_gating=tc.aux_loss_weight > 0)
-                objective = out.loss_sum.float()
-                aux = torch.zeros((), device=env.device)
-                if tc.aux_loss_weight > 0:   # token-weighted, like the main loss
-                    aux = load_balancing_loss(out.gating, mask=out.gating_mask) * out.num_tokens
-                    objective = objective + tc.aux_loss_weight * aux
-                scaler.scale(objective).backward()
-            sums += torch.stack([out.loss_sum.detach().double(), out.num_tokens.double(), aux.detach().double(),
-                                 torch.tensor(len(batch), dtype=torch.float64, device=env.device)])
+            with autocast_for(model):
+                out = model(features, attention_mask=mask, texts=batch.texts, prompts=batch.prompts,
+                            return_gating=tc.aux_loss_weight > 0)
+            objective = out.loss_sum.float()
+            aux = torch.zeros((), device=env.device)
+            if tc.aux_loss_weight > 0:   # token-weighted, like the main loss
+                aux = load_balancing_loss(out.gating, mask=out.gating_mask) * out.num_tokens
+                objective = objective + tc.aux_loss_weight * aux
+            scaler.scale(objective * (0.0 if placeholder else 1.0)).backward()
+            if not placeholder:
+                sums += torch.stack([out.loss_sum.detach().double(), out.num_tokens.double(), aux.detach().double(),
+                                     torch.tensor(len(batch), dtype=torch.float64, device=env.device)])
 
-        # mean over the global batch's target tokens (DDP already averaged over processes: undo, then divide)
+        # mean over the global batch's target tokens: gradients summed over processes, then divided (a global batch
+        # whose every row was skipped has no tokens: a non-finite loss, and the step is skipped)
         loss_sum, tokens, aux_sum, samples = env.all_sum(sums)
+        all_reduce_gradients(trainable, env.world_size)
         scaler.unscale_(optimizer)
         for p in trainable:
-            if p.grad is not None:
-                p.grad.mul_(env.world_size / max(tokens, 1.0))
-        loss = loss_sum / max(tokens, 1.0)
+            p.grad.div_(max(tokens, 1.0))
+        loss = loss_sum / tokens if tokens else math.nan
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else math.inf))
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         loss_scale = scaler.get_scale()
@@ -433,15 +454,20 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
             raise TrainingError(f"stopped at step {step}: {nonfinite_in_a_row} steps in a row had a non-finite loss "
                                 f"or gradient; lower the learning rates, check the data, or resume from the last "
                                 f"checkpoint in {cfg.output_dir}")
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+        # a stop signal on any process stops all of them here, after the same step
+        interrupted = env.all_sum(torch.tensor([float(stop_signals.received is not None)]))[0] > 0
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and not interrupted:
             eval_summary = run_eval(step)
-        if step % tc.save_every == 0 or step == tc.max_steps:
+        if step % tc.save_every == 0 or step == tc.max_steps or interrupted:
             checkpoint_path = checkpoint()
+        if interrupted:
+            say(f"interrupted at step {step}; checkpoint written: {checkpoint_path}")
+            break
     bar.close()
-    if cfg.data.eval:
+    if cfg.data.eval and not interrupted:
         eval_summary = run_eval(step)
     return {"step": step, "loss": loss, "checkpoint": checkpoint_path, "eval": eval_summary,
-            "nonfinite_steps": nonfinite_total}
+            "nonfinite_steps": nonfinite_total, "interrupted": interrupted}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -70,6 +70,7 @@ def test_unknown_keys_are_named(tmp_path, values, overrides, key):
     ("data.min_seconds=31", "data.min_seconds"),      # above max_seconds: every row filtered
     ("data.max_text_tokens=0", "data.max_text_tokens"),
     ("data.bucket_size=4", "data.bucket_size"),       # under batch_size (8)
+    ("train.parallel=zero3", "train.parallel"),
 ])
 def test_bad_values_are_named(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

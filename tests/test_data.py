@@ -193,12 +193,28 @@ def corpus(tmp_path_factory):
     return _write(tmp_path_factory.mktemp("corpus") / "corpus.parquet", rows, row_group_size=6)
 
 
+def _steps(batches):
+    """Per step, the ids of each of its micro-batches (an empty one as [])."""
+    return [[list(b.ids) if b is not None else [] for b in step] for step in batches]
+
+
 def _ids(batches):
-    return [list(b.ids) for b in batches]
+    """Per step, the ids of all its micro-batches in order."""
+    return [sum(step, []) for step in _steps(batches)]
 
 
 def _padding(batches) -> int:
-    return sum(int((b.lengths.max() - b.lengths).sum()) for b in batches)
+    return sum(int((b.lengths.max() - b.lengths).sum()) for step in batches for b in step if b is not None)
+
+
+def _global_steps(corpus, batch_size, grad_accum, world_size, **kw):
+    """Per step, the set of ids trained on over all ranks, and every rank's micro-batch sizes."""
+    per_rank = [_steps(SpeechBatches(ParquetSpeechSource(corpus, id_column="id"), batch_size, grad_accum=grad_accum,
+                                     rank=r, world_size=world_size, **kw)) for r in range(world_size)]
+    assert len({len(steps) for steps in per_rank}) == 1              # every rank takes the same number of steps
+    steps = [sorted(i for rank in ranks for micro in rank for i in micro) for ranks in zip(*per_rank)]
+    sizes = [len(micro) for steps_ in per_rank for step in steps_ for micro in step]
+    return steps, sizes
 
 
 def test_length_grouping_reduces_padding(corpus):
@@ -217,59 +233,117 @@ def test_batches_are_seeded_and_epochs_differ(corpus):
     assert _ids(a) != first                      # the next epoch is shuffled differently
     assert _ids(SpeechBatches(source, 4, bucket_size=12, seed=8)) != first
     ordered = SpeechBatches(source, 4, bucket_size=12, shuffle=False)
-    batches = list(ordered)
-    assert sorted(sum(_ids(batches[:3]), [])) == [f"u{i:02d}" for i in range(12)]   # buckets in file order
-    longest = [int(b.lengths.max()) for b in batches[:3]]
+    steps = list(ordered)
+    assert sorted(sum(_ids(steps[:3]), [])) == [f"u{i:02d}" for i in range(12)]   # buckets in file order
+    longest = [int(step[0].lengths.max()) for step in steps[:3]]
     assert longest == sorted(longest)                                              # by increasing length
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 5])
-def test_shards_are_disjoint_covering_and_equal_in_count(corpus, world_size):
+@pytest.mark.parametrize("split", [(3, 1, 4), (1, 2, 6), (2, 3, 2), (6, 2, 1), (1, 1, 12)])
+def test_global_batches_do_not_depend_on_the_split(corpus, split):
+    # global batch 12 over 48 rows in buckets of 24 (two buckets); 5 rows of the last bucket over 12 slots
+    reference, _ = _global_steps(corpus, 12, 1, 1, bucket_size=24, seed=4)
+    steps, sizes = _global_steps(corpus, *split, bucket_size=24, seed=4)
+    assert steps == reference
+    assert sorted(sum(steps, [])) == [f"u{i:02d}" for i in range(48)]        # each row once
+    assert max(sizes) <= split[0]
+
+
+def test_micro_batches_are_length_sorted_slices_and_ranks_share_each_micro_step(corpus):
     source = ParquetSpeechSource(corpus, id_column="id")
-    per_rank = [_ids(SpeechBatches(source, 3, bucket_size=6, seed=1, rank=r, world_size=world_size))
-                for r in range(world_size)]
-    counts = {len(batches) for batches in per_rank}
-    assert counts == {len(SpeechBatches(source, 3, bucket_size=6, rank=0, world_size=world_size))}
-    seen = [i for batches in per_rank for batch in batches for i in batch]
-    assert sorted(seen) == [f"u{i:02d}" for i in range(48)]      # each row exactly once
-    assert all(1 <= len(batch) <= 3 for batches in per_rank for batch in batches)
+    ranks = [list(SpeechBatches(source, 2, grad_accum=2, world_size=2, rank=r, bucket_size=16, seed=1))
+             for r in range(2)]
+    for step0, step1 in zip(*ranks):
+        # slice i * world_size + rank: micro 0 of ranks 0 and 1, then micro 1 of ranks 0 and 1, by length
+        slices = [step0[0], step1[0], step0[1], step1[1]]
+        longest = [int(b.lengths.max()) for b in slices]
+        shortest = [int(b.lengths.min()) for b in slices]
+        assert all(lo >= hi for lo, hi in zip(shortest[1:], longest[:-1]))
 
 
-def test_skipped_rows_keep_batch_counts_equal_across_ranks(planted):
+def test_a_rank_decodes_only_its_own_rows(corpus, monkeypatch):
+    import steermoe.data as data
+
+    decoded = []
+    real_decode = data.decode_audio
+    monkeypatch.setattr(data, "decode_audio", lambda raw: decoded.append(1) or real_decode(raw))
+    batches = SpeechBatches(ParquetSpeechSource(corpus, id_column="id"), 3, world_size=4, rank=2, bucket_size=24)
+    served = sum(len(b) for step in batches for b in step if b is not None)
+    assert len(decoded) == served == 12
+
+
+@pytest.mark.parametrize("kind", ["bytes", "path", "array", "samples", "duration_column"])
+def test_durations_are_the_decoded_lengths_without_decoding(tmp_path, monkeypatch, kind):
+    import steermoe.data as data
+
+    tones = [_tone(n) for n in (1600, 2500, 4410)]
+    rates = [16000, 16000, 22050]
+    if kind in ("bytes", "path"):
+        for i, (tone, rate) in enumerate(zip(tones, rates)):
+            (tmp_path / f"{i}.wav").write_bytes(_wav(tone, rate))
+        audio = pa.array([{"bytes": None if kind == "path" else _wav(t, r), "path": f"{i}.wav"}
+                          for i, (t, r) in enumerate(zip(tones, rates))] + [None], AUDIO_TYPE)
+        columns = {"audio": audio}
+    elif kind == "array":
+        columns = {"audio": pa.array([{"array": t.tolist(), "sampling_rate": r} for t, r in zip(tones, rates)]
+                                     + [None], ARRAY_TYPE)}
+    else:
+        columns = {"audio": pa.array([t.tolist() for t in tones] + [None], pa.list_(pa.float32())),
+                   "sampling_rate": rates + [16000]}
+    if kind == "duration_column":
+        columns["seconds"] = [len(t) / r for t, r in zip(tones, rates)] + [None]
+    pq.write_table(pa.table({**columns, "text": ["a", "b", "c", "d"]}), tmp_path / "d.parquet")
+    source = ParquetSpeechSource(str(tmp_path / "d.parquet"),
+                                 duration_column="seconds" if kind == "duration_column" else None)
+    monkeypatch.setattr(data, "decode_audio", lambda raw: {}["durations decode nothing"])
+    durations = source.durations(0)
+    monkeypatch.undo()
+    assert durations.tolist() == [len(e.audio) for e in source] + [0]        # the null row: unknown
+
+
+def test_skipped_rows_keep_step_counts_equal_across_ranks(planted):
     path, good = planted
-    per_rank = []
-    for rank in range(3):
-        batches = SpeechBatches(ParquetSpeechSource(path, id_column="id"), 2, bucket_size=4, seed=0, rank=rank,
-                                world_size=3)
-        per_rank.append(_ids(batches))
-        assert len(per_rank[-1]) == len(batches)
-    assert len({len(b) for b in per_rank}) == 1
-    seen = [i for batches in per_rank for batch in batches for i in batch]
-    assert set(seen) == {r["id"] for r in good}
+    steps, sizes = _global_steps(path, 2, 1, 3, bucket_size=6, seed=0)
+    assert set(sum(steps, [])) == {r["id"] for r in good}
+    assert max(sizes) <= 2
 
 
-def test_resume_reproduces_the_batch_sequence(corpus):
+def test_resume_reproduces_the_batch_sequence_on_any_split(corpus):
     source = ParquetSpeechSource(corpus, id_column="id")
-    full = SpeechBatches(source, 4, bucket_size=12, seed=3, rank=1, world_size=2)
+    full = SpeechBatches(source, 4, bucket_size=16, seed=3)
     epoch0, epoch1 = _ids(full), _ids(full)
     for done in (0, 5, len(epoch0) - 1, len(epoch0)):
-        fresh_source = ParquetSpeechSource(corpus, id_column="id")
-        resumed = SpeechBatches(fresh_source, 4, bucket_size=12, seed=3, rank=1, world_size=2)
-        resumed.load_state_dict({"epoch": 0, "batches_done": done})
-        rest = _ids(resumed)
-        assert rest == (epoch0[done:] or epoch1)
-        if done == 5:   # the bucket holding batches 0-2 was never read again
-            assert fresh_source.rows_read < source.num_rows // 2
-    # state is taken between batches, exactly as a training loop sees it
-    batches = SpeechBatches(source, 4, bucket_size=12, seed=3, rank=1, world_size=2)
+        for split in ((4, 1, 1), (1, 2, 2)):
+            fresh_source = ParquetSpeechSource(corpus, id_column="id")
+            ranks = [SpeechBatches(fresh_source, split[0], grad_accum=split[1], world_size=split[2], rank=r,
+                                   bucket_size=16, seed=3) for r in range(split[2])]
+            for batches in ranks:
+                batches.load_state_dict({"epoch": 0, "steps_done": done, "global_batch": 4})
+            rest = [sorted(sum(steps, [])) for steps in zip(*map(_ids, ranks))]
+            assert rest == [sorted(ids) for ids in (epoch0[done:] or epoch1)]
+            if done == 5:   # neither the bucket holding steps 0-3 nor step 4's rows were read again
+                assert fresh_source.rows_read == source.num_rows - 5 * 4
+    # state is taken between steps, exactly as a training loop sees it
+    batches = SpeechBatches(source, 2, grad_accum=2, bucket_size=12, seed=3)
     it = iter(batches)
     next(it), next(it)
-    assert batches.state_dict() == {"epoch": 0, "batches_done": 2}
+    assert batches.state_dict() == {"epoch": 0, "steps_done": 2, "global_batch": 4}
+    with pytest.raises(ValueError, match=r"checkpoint's global batch is 8, this run's is 4 \(batch_size 2 × "
+                                         r"grad_accum 2 × 1 processes\)"):
+        batches.load_state_dict({"epoch": 0, "steps_done": 2, "global_batch": 8})
+    with pytest.raises(ValueError, match="has no 'steps_done'"):
+        batches.load_state_dict({"epoch": 0, "batches_done": 2})
 
 
 def test_drop_last_gives_full_batches(corpus):
-    batches = list(SpeechBatches(ParquetSpeechSource(corpus, id_column="id"), 5, bucket_size=10, drop_last=True))
-    assert len(batches) == 48 // 5 and all(len(b) == 5 for b in batches)
+    steps = _global_steps(corpus, 5, 1, 2, bucket_size=20, drop_last=True)[0]
+    assert len(steps) == 2 * (20 // 10) and all(len(s) == 10 for s in steps)
+
+
+def test_a_bucket_smaller_than_the_global_batch_is_an_error(corpus):
+    with pytest.raises(ValueError, match=r"bucket_size must be >= the global batch 12 \(batch_size 3 × grad_accum 2"
+                                         r" × 2 processes\); got 8"):
+        SpeechBatches(ParquetSpeechSource(corpus), 3, grad_accum=2, world_size=2, bucket_size=8)
 
 
 def test_collate_copies_read_only_arrays_without_torch_warning():
@@ -372,16 +446,6 @@ def test_a_file_named_several_ways_is_read_once_and_default_ids_are_unique(tmp_p
 
 
 # ------------------------------------------------------------------------------------------------ shuffle
-def test_borrowed_rows_are_counted_as_duplicates(corpus):
-    # 48 rows over 5 ranks: ranks 0 and 2 hold 9 rows, the others 10, so their 4th bucket of 3 is empty
-    per_rank = [SpeechBatches(ParquetSpeechSource(corpus, id_column="id"), 3, bucket_size=3, seed=2, rank=r,
-                              world_size=5) for r in range(5)]
-    served = Counter(i for batches in per_rank for batch in batches for i in batch.ids)
-    assert set(served) == {f"u{i:02d}" for i in range(48)}
-    assert [b.duplicated for b in per_rank] == [1, 0, 1, 0, 0]
-    assert sum(served.values()) - 48 == 2
-
-
 @pytest.fixture(scope="module")
 def one_group(corpus, tmp_path_factory):
     """The corpus in a single row group (pyarrow's default for a small file)."""
@@ -391,10 +455,10 @@ def one_group(corpus, tmp_path_factory):
 
 
 def test_shuffle_reorders_one_row_group_every_epoch_and_ranks_shares_change(one_group):
-    def epoch_ids(rank, epoch, batches_done=0):
-        batches = SpeechBatches(ParquetSpeechSource(one_group, id_column="id"), 4, bucket_size=12, seed=5, rank=rank,
+    def epoch_ids(rank, epoch, steps_done=0):
+        batches = SpeechBatches(ParquetSpeechSource(one_group, id_column="id"), 2, bucket_size=12, seed=5, rank=rank,
                                 world_size=2)
-        batches.load_state_dict({"epoch": epoch, "batches_done": batches_done})
+        batches.load_state_dict({"epoch": epoch, "steps_done": steps_done, "global_batch": 4})
         return _ids(batches)
 
     epochs = [[epoch_ids(rank, epoch) for rank in range(2)] for epoch in range(2)]
@@ -403,19 +467,24 @@ def test_shuffle_reorders_one_row_group_every_epoch_and_ranks_shares_change(one_
         assert sorted(i for batches in ranks for batch in batches for i in batch) == [f"u{i:02d}" for i in range(48)]
     shares = [{i for batch in ranks[0] for i in batch} for ranks in epochs]
     assert shares[0] != shares[1]
-    first_buckets = [set(sum(ranks[0][:3], [])) for ranks in epochs]
+    first_buckets = [set(sum(ranks[0][:3] + ranks[1][:3], [])) for ranks in epochs]
     assert first_buckets[0] != first_buckets[1] and {f"u{i:02d}" for i in range(12)} not in first_buckets
-    assert epoch_ids(1, 1, batches_done=4) == epochs[1][1][4:]     # resume mid-epoch
+    assert epoch_ids(1, 1, steps_done=4) == epochs[1][1][4:]     # resume mid-epoch
 
 
-def test_shuffle_reads_each_row_group_once_per_epoch(corpus, monkeypatch):
+def test_shuffle_reads_each_row_group_once_per_epoch_and_durations_once(corpus, monkeypatch):
     reads = []
     read_row_group = pq.ParquetFile.read_row_group
     monkeypatch.setattr(pq.ParquetFile, "read_row_group",
-                        lambda self, i, **kwargs: reads.append(i) or read_row_group(self, i, **kwargs))
-    for epoch in range(2):
-        reads.clear()
-        batches = SpeechBatches(ParquetSpeechSource(corpus, id_column="id"), 4, bucket_size=8, seed=1, world_size=2)
-        batches.set_epoch(epoch)
-        assert len(list(batches)) == len(batches)
-        assert len(reads) == len(set(reads)) >= 4       # 24 rows in groups of 6, buckets of 8 straddling them
+                        lambda self, i, **kwargs: reads.append((i, "text" in kwargs["columns"]))
+                        or read_row_group(self, i, **kwargs))
+    source = ParquetSpeechSource(corpus, id_column="id")
+    for rank in range(2):
+        batches = SpeechBatches(source, 4, bucket_size=8, seed=1, world_size=2, rank=rank)
+        for epoch in range(2):
+            reads.clear()
+            batches.set_epoch(epoch)
+            assert len(list(batches)) == len(batches)
+            decoding = [i for i, decode in reads if decode]
+            assert len(decoding) == len(set(decoding)) >= 4     # groups of 6 rows, buckets of 8 straddling them
+            assert sorted(i for i, decode in reads if not decode) == ([] if rank or epoch else list(range(8)))

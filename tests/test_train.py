@@ -348,13 +348,37 @@ def kill_after_saving(monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(steermoe.train, "save_checkpoint", save_then_die)
 
 
-def train_straight_and_killed(tmp_path, monkeypatch, kill_at: int, **kw) -> None:
+def signal_during_step(monkeypatch, at_step: int, signum: int) -> None:
+    """Make the process send itself ``signum`` during the forward of optimizer step ``at_step`` (one micro-batch a
+    step)."""
+    from steermoe.model import SteerMoEModel
+
+    calls = {"n": 0}
+    real_forward = SteerMoEModel.forward
+
+    def forward(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            os.kill(os.getpid(), signum)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(SteerMoEModel, "forward", forward)
+
+
+def train_straight_and_killed(tmp_path, monkeypatch, kill_at: int, signum=None, **kw) -> None:
     """The same run twice: ``tmp_path/straight`` uninterrupted, ``tmp_path/killed`` killed right after its
-    step-``kill_at`` checkpoint and resumed."""
+    step-``kill_at`` checkpoint (or sent ``signum`` during step ``kill_at``, which it finishes and checkpoints before
+    it returns) and resumed."""
     train(tiny_config(tmp_path / "straight", **kw))
-    kill_after_saving(monkeypatch, kill_at)
-    with pytest.raises(Killed):
-        train(tiny_config(tmp_path / "killed", **kw))
+    if signum is None:
+        kill_after_saving(monkeypatch, kill_at)
+        with pytest.raises(Killed):
+            train(tiny_config(tmp_path / "killed", **kw))
+    else:
+        signal_during_step(monkeypatch, kill_at, signum)
+        result = train(tiny_config(tmp_path / "killed", **kw))
+        assert result["interrupted"] and result["step"] == kill_at
+        assert result["checkpoint"] == step_dir(str(tmp_path / "killed"), kill_at)
     monkeypatch.undo()
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         train(tiny_config(tmp_path / "killed", **kw))
@@ -376,6 +400,21 @@ def test_killed_run_resumed_reproduces_the_uninterrupted_run(tmp_path, monkeypat
     assert len(losses(tmp_path / "straight")) == 6
     assert_same_trained_weights(tmp_path / "straight", tmp_path / "killed")
     assert [s for s, _ in list_checkpoints(str(tmp_path / "killed"))] == [4, 6]      # keep_checkpoints=2
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_checkpoints_after_the_step_and_the_resumed_run_is_the_uninterrupted_one(tmp_path, monkeypatch,
+                                                                                              capfd, signum):
+    import signal
+
+    train_straight_and_killed(tmp_path, monkeypatch, 3, signum=getattr(signal, signum), data="rows5", batch_size=2,
+                              max_steps=5)
+    out = capfd.readouterr().out
+    assert f"interrupted at step 3; checkpoint written: {step_dir(str(tmp_path / 'killed'), 3)}" in out
+    assert f"resuming from step 3 (checkpoint {step_dir(str(tmp_path / 'killed'), 3)})" in out
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    assert_same_trained_weights(tmp_path / "straight", tmp_path / "killed")
+    assert signal.getsignal(getattr(signal, signum)) is signal.SIG_DFL     # the handler is gone after the run
 
 
 def test_non_finite_losses_skip_the_step_and_repeated_ones_stop(tmp_path, monkeypatch):
@@ -440,12 +479,14 @@ def test_resume_refuses_a_config_that_changes_the_run_and_takes_safe_changes(tmp
     out = tmp_path / "run"
     shutil.copytree(tiny_run(), out)                  # batch_size 2, two steps; its config names another output_dir
     saved = (out / "config.yaml").read_text()
-    with pytest.raises(CheckpointError, match=r"train\.batch_size: 2 -> 1; train\.lr_router: 0\.003 -> 0\.01\. "):
-        train(tiny_config(out, batch_size=1, max_steps=3, lr_router=1e-2), resume=True)
+    with pytest.raises(CheckpointError, match=r"train\.lr_router: 0\.003 -> 0\.01; train\.seed: 0 -> 1\. "):
+        train(tiny_config(out, batch_size=1, max_steps=3, lr_router=1e-2, seed=1), resume=True)
     assert (out / "config.yaml").read_text() == saved
-    monkeypatch.setattr(steermoe.train, "init_distributed", lambda device: Distributed(0, 2, torch.device("cpu")))
-    with pytest.raises(CheckpointError, match="on 2 processes: it was trained on 1"):
-        train(tiny_config(out, batch_size=2, max_steps=2), resume=True)
+    # batch_size, grad_accum and the process count may change only together, keeping the global batch
+    with pytest.raises(CheckpointError, match=r"global batch is 2, this run's is 4 \(batch_size 1 × grad_accum 2 × 2 "
+                                              r"processes\)"):
+        monkeypatch.setattr(steermoe.train, "init_distributed", lambda device: Distributed(0, 2, torch.device("cpu")))
+        train(tiny_config(out, batch_size=1, grad_accum=2, max_steps=2), resume=True)
     monkeypatch.undo()
     # more steps, other logging and saving intervals: fine, and the config on disk says so
     result = train(tiny_config(out, batch_size=2, max_steps=3, log_every=1, save_every=1), resume=True)
