@@ -1,10 +1,10 @@
-"""What the steering experts do: per-layer usage, entropy and top experts, and a load-balancing loss.
+"""What the steering experts do: per-layer usage, entropy and top experts; the router losses.
 
 Inputs are the gates ``SteeredWhisperEncoder(..., return_gating=True).gating``: one (B, T, E) tensor per steered
 layer (any (..., E) shape works), and optionally the frame mask (B, T) (1 = real frame, e.g. the output's
 ``attention_mask``) so padded frames are left out. Entropies are in nats; log(E) is the maximum.
 """
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -33,9 +33,39 @@ def _frame_weights(gating: Tensor, mask: Optional[Tensor]) -> Tensor:
     return (mask.to(gating.device) != 0).to(torch.float32)
 
 
+def _loss_frame_weights(first: Tensor, mask: Optional[Tensor], loss: str) -> Tuple[Tensor, Tensor]:
+    """(N,) float32 frame weights of ``first``'s frames and their sum; ValueError when no frame is real."""
+    w = _frame_weights(first, mask).reshape(-1)
+    frames = w.sum()
+    if float(frames) == 0:
+        raise ValueError(f"mask leaves no real frames for the {loss}")
+    return w, frames
+
+
 def _winners(rows: Tensor) -> Tensor:
     """(N, E) gates → (N, E) one-hot of each row's largest gate, in the gates' dtype."""
     return torch.nn.functional.one_hot(rows.argmax(-1), rows.shape[-1]).to(rows.dtype)
+
+
+def usage_sums(gating_per_layer: Sequence[Tensor], mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(L, E) float64 sums over the real frames of each layer's gates, and the real-frame count (0-dim float64).
+
+    Sums, not means, so that micro-batches and processes add up before :func:`router_health` divides.
+    """
+    layers = _layers(gating_per_layer)
+    w = _frame_weights(layers[0], mask).double().reshape(-1, 1)
+    sums = torch.stack([(g.detach().double().reshape(-1, g.shape[-1]) * w).sum(0) for g in layers])
+    return sums, w.sum()
+
+
+def router_health(usage: Tensor) -> Dict[str, List[float]]:
+    """Per-layer health of the mean gates ``usage`` (L, E) (each row sums to 1 over the real frames):
+
+    ``usage_entropy``: entropy of the row in nats (log E: all experts used equally; 0: one expert takes all);
+    ``top_share``: the largest expert's share of the gate mass (1/E ... 1).
+    """
+    usage = usage.double()
+    return {"usage_entropy": (-torch.xlogy(usage, usage).sum(-1)).tolist(), "top_share": usage.amax(-1).tolist()}
 
 
 class GatingAccumulator:
@@ -60,36 +90,35 @@ class GatingAccumulator:
         if self._usage_sums is not None and self._usage_sums.shape != (len(layers), layers[0].shape[-1]):
             raise ValueError(f"gates of shape (L, E) = ({len(layers)}, {layers[0].shape[-1]}) do not match the "
                              f"earlier updates' {tuple(self._usage_sums.shape)}")
+        usage, frames = usage_sums(layers, mask)
         w = _frame_weights(layers[0], mask).double().reshape(-1, 1)
-        usage, entropy, wins = [], [], []
+        entropy, wins = [], []
         for g in layers:
             rows = g.detach().double().reshape(-1, g.shape[-1])
-            usage.append((rows * w).sum(0))
             entropy.append(-(torch.xlogy(rows, rows).sum(-1) * w[:, 0]).sum())
             wins.append((_winners(rows) * w).sum(0))
-        sums = [torch.stack(t).cpu() for t in (usage, entropy, wins)]
+        sums = [usage.cpu()] + [torch.stack(t).cpu() for t in (entropy, wins)]
         if self._usage_sums is None:
             self._usage_sums, self._entropy_sums, self._win_counts = sums
         else:
             for total, new in zip((self._usage_sums, self._entropy_sums, self._win_counts), sums):
                 total += new
-        self.num_frames += float(w.sum())
+        self.num_frames += float(frames)
         return self
 
     def result(self) -> Dict:
-        """``{"num_experts", "num_frames", "layers": [{"layer", "usage", "entropy", "usage_entropy", "top1_share",
-        "top_experts"}]}``, plain Python numbers and lists (JSON-serialisable). Per layer:
+        """``{"num_experts", "num_frames", "layers": [{"layer", "usage", "entropy", "usage_entropy", "top_share",
+        "top1_share", "top_experts"}]}``, plain Python numbers and lists (JSON-serialisable). Per layer:
 
         usage: mean gate per expert over the real frames (sums to 1); entropy: mean per-frame gate entropy (low =
-        each frame picks few experts); usage_entropy: entropy of ``usage`` (log E = all experts used equally);
-        top1_share: fraction of frames whose largest gate is each expert; top_experts: the ``top_k`` experts by
-        usage, most used first.
+        each frame picks few experts); usage_entropy, top_share: see :func:`router_health`; top1_share: fraction
+        of frames whose largest gate is each expert; top_experts: the ``top_k`` experts by usage, most used first.
         """
         if self._usage_sums is None or self.num_frames == 0:
             raise ValueError("no real frames seen yet: call update() with gates and a mask that keeps some frames")
         usage = self._usage_sums / self.num_frames
         entropy = self._entropy_sums / self.num_frames
-        usage_entropy = -torch.xlogy(usage, usage).sum(-1)
+        health = router_health(usage)
         num_layers, num_experts = usage.shape
         ids = self.layer_ids if self.layer_ids is not None else list(range(num_layers))
         k = min(self.top_k, num_experts)
@@ -97,7 +126,7 @@ class GatingAccumulator:
             "num_experts": num_experts,
             "num_frames": int(self.num_frames),
             "layers": [{"layer": ids[i], "usage": usage[i].tolist(), "entropy": float(entropy[i]),
-                        "usage_entropy": float(usage_entropy[i]),
+                        "usage_entropy": health["usage_entropy"][i], "top_share": health["top_share"][i],
                         "top1_share": (self._win_counts[i] / self.num_frames).tolist(),
                         "top_experts": torch.argsort(usage[i], descending=True, stable=True)[:k].tolist()}
                        for i in range(num_layers)],
@@ -130,10 +159,8 @@ def load_balancing_loss(gating_per_layer: Sequence[Tensor], mask: Optional[Tenso
     gates of the experts that win most often. Not used unless the caller adds ``weight · loss`` to its objective.
     """
     layers = _layers(gating_per_layer)
-    w = _frame_weights(layers[0], mask).reshape(-1, 1)
-    frames = w.sum()
-    if float(frames) == 0:
-        raise ValueError("mask leaves no real frames for the load-balancing loss")
+    w, frames = _loss_frame_weights(layers[0], mask, "load-balancing loss")
+    w = w.reshape(-1, 1)
     losses = []
     for g in layers:
         rows = g.reshape(-1, g.shape[-1]).float()
@@ -141,4 +168,20 @@ def load_balancing_loss(gating_per_layer: Sequence[Tensor], mask: Optional[Tenso
         f = (_winners(rows.detach()) * w).sum(0) / frames
         p = (rows * w).sum(0) / frames
         losses.append(num_experts * (f * p).sum())
+    return torch.stack(losses).mean()
+
+
+def router_z_loss(logits_per_layer: Sequence[Tensor], mask: Optional[Tensor] = None) -> Tensor:
+    """ST-MoE router z-loss, averaged over layers; a scalar float32 tensor.
+
+    For each layer, over the real frames t of its (..., E) router logits z (the encoder's ``router_logits``):
+
+        loss_layer = mean_t (log Σ_e exp z_te)²
+
+    It keeps the logits near zero, where the softmax is not saturated and its gradient reaches every expert. Not
+    used unless the caller adds ``weight · loss`` to its objective.
+    """
+    layers = _layers(logits_per_layer)
+    w, frames = _loss_frame_weights(layers[0], mask, "router z-loss")
+    losses = [(torch.logsumexp(z.reshape(-1, z.shape[-1]).float(), -1).square() * w).sum() / frames for z in layers]
     return torch.stack(losses).mean()

@@ -132,7 +132,8 @@ def cmd_eval(args) -> int:
         print(f"gating over {g['num_frames']} frames (usage entropy in nats; log E = {log_e:.3f}):")
         for layer in g["layers"]:
             print(f"  layer {layer['layer']:>2}: usage entropy {layer['usage_entropy']:.3f}  "
-                  f"frame entropy {layer['entropy']:.3f}  top experts {layer['top_experts']}")
+                  f"top share {layer['top_share']:.3f}  frame entropy {layer['entropy']:.3f}  "
+                  f"top experts {layer['top_experts']}")
     if args.output:
         write_summary(summary, summary_path)
         print(f"per-utterance results: {args.output}; summary with gating statistics: {summary_path}")

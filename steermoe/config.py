@@ -75,6 +75,7 @@ class TrainConfig:
     keep_checkpoints: int = 2             # newest checkpoints kept (0: all)
     gradient_checkpointing: bool = False
     aux_loss_weight: float = 0.0          # load-balancing loss on the router's gating
+    z_loss_weight: float = 0.0            # router z-loss: mean logsumexp(router logits)^2
     max_nonfinite_steps: int = 10         # consecutive non-finite steps before the run stops (float16 overflows
                                           # while the loss scale is >= 1 do not count: the scaler halves it)
     device: str = "auto"                  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
@@ -117,7 +118,7 @@ class Config:
         for key in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_batch_size", "save_every"):
             _require(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
         for key in ("warmup_steps", "eval_every", "eval_utterances", "keep_checkpoints", "weight_decay",
-                    "grad_clip", "aux_loss_weight"):
+                    "grad_clip", "aux_loss_weight", "z_loss_weight"):
             _require(getattr(t, key) >= 0, f"train.{key}", ">= 0", getattr(t, key))
         for key in ("lr_router", "lr_vectors", "lr_scales", "lr_projector"):
             _require(getattr(t, key) >= 0, f"train.{key}", ">= 0", getattr(t, key))

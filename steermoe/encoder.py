@@ -39,15 +39,18 @@ _MASKING_ATTENTION = ("eager", "sdpa")
 
 @dataclass
 class SteeredEncoderOutput(BaseModelOutput):
-    """``BaseModelOutput`` plus the steering gates and the encoder-frame mask.
+    """``BaseModelOutput`` plus the steering gates, the router logits and the encoder-frame mask.
 
     gating: one (B, T_out, E) float32 tensor per steered layer (``return_gating=True`` only); at padded frames
         it holds the gates of padding, so statistics over it should weight frames by ``attention_mask``.
     attention_mask: (B, T_out) long, 1 = real encoder frame (only when padding was masked).
+    router_logits: one (B, T_out, E) float32 tensor per steered layer, ``h Wᵀ + b`` before the softmax
+        (``return_router_logits=True`` only), e.g. for the router z-loss.
     """
 
     gating: Optional[Tuple[Tensor, ...]] = None
     attention_mask: Optional[Tensor] = None
+    router_logits: Optional[Tuple[Tensor, ...]] = None
 
 
 class SteeredWhisperEncoder(nn.Module):
@@ -186,7 +189,7 @@ class SteeredWhisperEncoder(nn.Module):
                 output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
                 return_gating: bool = False, output_attentions: Optional[bool] = None,
                 head_mask: Optional[Tensor] = None, mask_padding: Optional[bool] = None,
-                **kwargs) -> Union[SteeredEncoderOutput, Tuple]:
+                return_router_logits: bool = False, **kwargs) -> Union[SteeredEncoderOutput, Tuple]:
         """Encode log-mel features, steering after each chosen layer.
 
         Whisper was pretrained on 30 s windows (3000 mel frames, 1500 encoder frames), padding included, and its
@@ -208,8 +211,11 @@ class SteeredWhisperEncoder(nn.Module):
                 transformers does: from eager attention; from sdpa, eager's in transformers 4 and none in 5 (an
                 empty tuple and a warning).
             return_dict: False returns a tuple (last_hidden_state, [hidden_states], [attentions], [gating],
-                [attention_mask]).
+                [attention_mask], [router_logits]).
             return_gating: return the per-steered-layer gates, each (B, T_out, E) float32.
+            return_router_logits: return the per-steered-layer router logits, each (B, T_out, E) float32. The op
+                does not return them, so they cost one extra (B·T_out, D) × (D, E) product per layer (and its
+                backward): about E / (12 D) of a layer's work.
             head_mask: accepted for transformers' callers; only None is supported.
             kwargs: other transformers keyword arguments (e.g. from ``WhisperModel.forward``); they do not apply.
 
@@ -246,6 +252,7 @@ class SteeredWhisperEncoder(nn.Module):
         all_states: Tuple[Tensor, ...] = ()
         attentions: List[Tensor] = []
         gating: List[Tensor] = []
+        router_logits: List[Tensor] = []
         for idx, layer in enumerate(encoder.layers):
             if output_hidden_states:
                 all_states += (h,)
@@ -258,6 +265,8 @@ class SteeredWhisperEncoder(nn.Module):
                 attentions.append(weights)
             row = self._row_of_layer.get(idx)
             if row is not None:
+                if return_router_logits:
+                    router_logits.append(h.float() @ self.router_weight[row].t() + self.router_bias[row])
                 out = steer(h, self.router_weight[row], self.router_bias[row], self.steering_vectors[row],
                             self.layer_scales[row], return_gating=return_gating)
                 if return_gating:
@@ -277,7 +286,8 @@ class SteeredWhisperEncoder(nn.Module):
         output = SteeredEncoderOutput(last_hidden_state=h, hidden_states=all_states or None,
                                       attentions=tuple(attentions) if output_attentions else None,
                                       gating=tuple(gating) if return_gating else None,
-                                      attention_mask=returned_mask)
+                                      attention_mask=returned_mask,
+                                      router_logits=tuple(router_logits) if return_router_logits else None)
         return output if return_dict else output.to_tuple()
 
     def _check_features(self, input_features: Tensor) -> Tensor:

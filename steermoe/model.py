@@ -44,8 +44,9 @@ class SteerMoEOutput(ModelOutput):
     """Loss over the transcript tokens of a batch.
 
     loss: mean over target tokens; loss_sum: float32 sum of the token losses; num_tokens: long scalar (targets
-    counted, end tokens included); logits: unused (None); gating: per steered layer (B, T_enc, E) float32 gates and
-    gating_mask (B, T_enc) long, 1 = real encoder frame (``return_gating=True`` only).
+    counted, end tokens included); logits: unused (None); gating: per steered layer (B, T_enc, E) float32 gates
+    (``return_gating=True`` only); router_logits: per steered layer (B, T_enc, E) float32 router logits
+    (``return_router_logits=True`` only); gating_mask (B, T_enc) long, 1 = real encoder frame (with either).
     """
 
     loss: Optional[Tensor] = None
@@ -54,6 +55,7 @@ class SteerMoEOutput(ModelOutput):
     logits: Optional[Tensor] = None
     gating: Optional[Tuple[Tensor, ...]] = None
     gating_mask: Optional[Tensor] = None
+    router_logits: Optional[Tuple[Tensor, ...]] = None
 
 
 class Downsampler(nn.Module):
@@ -301,10 +303,11 @@ class SteerMoEModel(nn.Module):
             batch_or_waveforms, lengths = batch_or_waveforms.waveforms, batch_or_waveforms.lengths
         return self.log_mel(batch_or_waveforms.to(self.device), lengths.to(self.device))
 
-    def _audio(self, input_features: Tensor, attention_mask: Optional[Tensor], return_gating: bool):
+    def _audio(self, input_features: Tensor, attention_mask: Optional[Tensor], return_gating: bool,
+               return_router_logits: bool = False):
         """Projected audio (B, T', H_llm), real positions per row (B,), and the encoder output."""
         enc = self.encoder(input_features, attention_mask=attention_mask, return_gating=return_gating,
-                           mask_padding=True)  # also when the longest clip fills Whisper's 30 s window
+                           return_router_logits=return_router_logits, mask_padding=True)  # also when the longest clip fills Whisper's 30 s window
         h, keep = self.downsample(enc.last_hidden_state, enc.attention_mask)
         audio = self.projector(h.to(self.projector_dtype))
         return audio, keep.sum(-1), enc
@@ -349,17 +352,18 @@ class SteerMoEModel(nn.Module):
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, input_features: Tensor, attention_mask: Optional[Tensor] = None,
                 texts: Optional[Sequence[str]] = None, prompts: Optional[Sequence[Optional[str]]] = None,
-                return_gating: bool = False) -> SteerMoEOutput:
+                return_gating: bool = False, return_router_logits: bool = False) -> SteerMoEOutput:
         """Teacher-forced transcript loss.
 
         Args:
             input_features: (B, n_mels, T_mel) log-mel features; attention_mask: (B, T_mel), 1 = real frame.
             texts: B transcripts (required).  prompts: B instructions or None (None entries: the default).
             return_gating: also return the steering gates and the encoder-frame mask.
+            return_router_logits: also return the router logits (e.g. for the z-loss) and the encoder-frame mask.
         """
         if texts is None:
             raise ValueError("forward() needs texts (the transcripts) for the loss; use generate() to transcribe")
-        audio, audio_lengths, enc = self._audio(input_features, attention_mask, return_gating)
+        audio, audio_lengths, enc = self._audio(input_features, attention_mask, return_gating, return_router_logits)
         embeds, mask, labels = self._sequences(audio, audio_lengths, prompts, texts, left_pad=False)
         hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
@@ -368,11 +372,11 @@ class SteerMoEModel(nn.Module):
         loss_sum = F.cross_entropy(logits.float(), targets[select], reduction="sum")
         num_tokens = select.sum()
         gating_mask = None
-        if return_gating:
+        if return_gating or return_router_logits:
             gating_mask = enc.attention_mask if enc.attention_mask is not None else torch.ones(
                 enc.last_hidden_state.shape[:2], dtype=torch.long, device=embeds.device)
         return SteerMoEOutput(loss=loss_sum / num_tokens.clamp_min(1), loss_sum=loss_sum, num_tokens=num_tokens,
-                              gating=enc.gating, gating_mask=gating_mask)
+                              gating=enc.gating, gating_mask=gating_mask, router_logits=enc.router_logits)
 
     def _logits(self, hidden: Tensor) -> Tensor:
         """The LLM head on (N, H) hidden states only where a target is predicted (a full-vocabulary logits tensor

@@ -263,7 +263,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict
 def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from .analysis import load_balancing_loss
+    from .analysis import load_balancing_loss, router_health, router_z_loss, usage_sums
     from .data import SpeechBatches
     from .evaluate import eval_batches, evaluate, text_normalizer
 
@@ -358,7 +358,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
             source = open_source(cfg.data, cfg.data.eval, for_eval=True)
             summary = evaluate(model, eval_batches(source, tc.eval_batch_size, limit=tc.eval_utterances),
                                normalize=normalize, max_new_tokens=m.max_new_tokens)
-            log.write({"step": at_step, **{f"eval/{k}": v for k, v in summary.items() if k != "gating"}})
+            gating = summary["gating"]["layers"] if summary["gating"] else []
+            log.write({"step": at_step, **{f"eval/{k}": v for k, v in summary.items() if k != "gating"},
+                       **{f"eval/router/{k}": [round(layer[k], 5) for layer in gating]
+                          for k in ("usage_entropy", "top_share")}})
             say(f"step {at_step}: eval WER {summary['wer']:.2%} CER {summary['cer']:.2%} "
                       f"loss {summary['loss']:.4f} on {summary['utterances']} utterances")
         env.barrier()
@@ -381,10 +384,15 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     model.train()
     loss = float("nan")
     checkpoint_path, eval_summary, interrupted = resume_from, None, False
+    num_layers, num_experts = model.encoder.router_bias.shape
     while step < tc.max_steps:
         t_start = time.perf_counter()
-        # this process's sums over its micro-batches: token loss, target tokens, token-weighted aux loss, samples
-        sums = torch.zeros(4, dtype=torch.float64, device=env.device)
+        # router health is logged every log_every steps, from the gates the op returns (no extra forward)
+        log_health = (step + 1) % tc.log_every == 0
+        # this process's sums over its micro-batches: token loss, target tokens, token-weighted aux and z losses,
+        # samples; then the gates' (L, E) sums over real encoder frames and the frame count
+        sums = torch.zeros(5, dtype=torch.float64, device=env.device)
+        gate_sums = torch.zeros(num_layers * num_experts + 1, dtype=torch.float64, device=env.device)
         for batch in next_micro_batches():
             # an empty slice of a small global batch: nothing to do, except under fsdp, where every process joins
             # each layer's gathers in the same order: a placeholder utterance, with zero weight
@@ -395,20 +403,28 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
             features, mask = model.features(batch.to(env.device))
             with autocast_for(model):
                 out = model(features, attention_mask=mask, texts=batch.texts, prompts=batch.prompts,
-                            return_gating=tc.aux_loss_weight > 0)
+                            return_gating=tc.aux_loss_weight > 0 or log_health,
+                            return_router_logits=tc.z_loss_weight > 0)
             objective = out.loss_sum.float()
-            aux = torch.zeros((), device=env.device)
+            aux = z_loss = torch.zeros((), device=env.device)
             if tc.aux_loss_weight > 0:   # token-weighted, like the main loss
                 aux = load_balancing_loss(out.gating, mask=out.gating_mask) * out.num_tokens
                 objective = objective + tc.aux_loss_weight * aux
+            if tc.z_loss_weight > 0:
+                z_loss = router_z_loss(out.router_logits, mask=out.gating_mask) * out.num_tokens
+                objective = objective + tc.z_loss_weight * z_loss
             scaler.scale(objective * (0.0 if placeholder else 1.0)).backward()
             if not placeholder:
                 sums += torch.stack([out.loss_sum.detach().double(), out.num_tokens.double(), aux.detach().double(),
+                                     z_loss.detach().double(),
                                      torch.tensor(len(batch), dtype=torch.float64, device=env.device)])
+                if log_health:
+                    usage, frames = usage_sums(out.gating, out.gating_mask)
+                    gate_sums += torch.cat([usage.reshape(-1), frames.reshape(1)])
 
         # mean over the global batch's target tokens: gradients summed over processes, then divided (a global batch
         # whose every row was skipped has no tokens: a non-finite loss, and the step is skipped)
-        loss_sum, tokens, aux_sum, samples = env.all_sum(sums)
+        loss_sum, tokens, aux_sum, z_sum, samples, *gate_totals = env.all_sum(torch.cat([sums, gate_sums]))
         all_reduce_gradients(trainable, env.world_size)
         scaler.unscale_(optimizer)
         for p in trainable:
@@ -440,15 +456,23 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
                   **{f"lr/{k}": v for k, v in lrs.items()}}
         if tc.aux_loss_weight > 0:
             record["aux_loss"] = aux_sum / max(tokens, 1.0)
+        if tc.z_loss_weight > 0:
+            record["z_loss"] = z_sum / max(tokens, 1.0)
+        if log_health:   # per steered layer, over the step's real encoder frames on all processes
+            usage = torch.tensor(gate_totals[:-1], dtype=torch.float64).view(num_layers, num_experts)
+            health = router_health(usage / max(gate_totals[-1], 1.0))
+            record.update({f"router/{k}": [round(v, 5) for v in values] for k, values in health.items()})
         if scaler.is_enabled():
             record["loss_scale"] = loss_scale
         log.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs.get('vectors', next(iter(lrs.values()))):.2e}",
                         samples_s=f"{record['samples_per_s']:.1f}")
-        if step % tc.log_every == 0:
+        if log_health:
             say(f"step {step}: loss {loss:.4f}  grad norm {grad_norm:.3f}  "
-                      f"{record['samples_per_s']:.1f} samples/s")
+                f"{record['samples_per_s']:.1f} samples/s  router usage entropy "
+                f"min {min(record['router/usage_entropy']):.3f} (log E = {math.log(num_experts):.3f}), "
+                f"top share max {max(record['router/top_share']):.3f}")
         if nonfinite_in_a_row >= tc.max_nonfinite_steps:
             bar.close()
             raise TrainingError(f"stopped at step {step}: {nonfinite_in_a_row} steps in a row had a non-finite loss "

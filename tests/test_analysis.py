@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from steermoe.analysis import GatingAccumulator, gating_statistics, load_balancing_loss
+from steermoe.analysis import (GatingAccumulator, gating_statistics, load_balancing_loss, router_health,
+                              router_z_loss, usage_sums)
 
 
 def _random_gates(layers, batch, frames, experts, seed):
@@ -24,7 +25,7 @@ def test_hand_checked_statistics():
     assert stats["num_experts"] == 2 and stats["num_frames"] == 2 and layer["layer"] == 7
     assert layer["usage"] == pytest.approx([0.5, 0.5])
     assert layer["entropy"] == pytest.approx(0.0)
-    assert layer["usage_entropy"] == pytest.approx(math.log(2))
+    assert layer["usage_entropy"] == pytest.approx(math.log(2)) and layer["top_share"] == pytest.approx(0.5)
     assert layer["top_experts"] == [0, 1] and layer["top1_share"] == pytest.approx([0.5, 0.5])
     unmasked = gating_statistics([gates])["layers"][0]
     assert unmasked["entropy"] == pytest.approx(math.log(2) / 3)
@@ -32,6 +33,21 @@ def test_hand_checked_statistics():
     collapsed = torch.tensor([[0.0, 0.1, 0.9], [0.0, 0.2, 0.8]])
     layer = gating_statistics([collapsed], top_k=2)["layers"][0]
     assert layer["usage"] == pytest.approx([0.0, 0.15, 0.85]) and layer["top_experts"] == [2, 1]
+    assert layer["top_share"] == pytest.approx(0.85)
+    assert layer["usage_entropy"] == pytest.approx(-0.15 * math.log(0.15) - 0.85 * math.log(0.85))
+
+
+def test_router_health_by_hand():
+    usage = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    health = router_health(usage)
+    assert health["usage_entropy"] == pytest.approx([math.log(4), 0.0, -sum(p * math.log(p) for p in (.1, .2, .3, .4))])
+    assert health["top_share"] == pytest.approx([0.25, 1.0, 0.4])
+    # usage_sums: gate sums over the real frames only, and their count
+    gates = torch.tensor([[[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]], [[0.2, 0.8], [0.9, 0.1], [0.3, 0.7]]])
+    sums, frames = usage_sums([gates, gates.flip(-1)], torch.tensor([[1, 1, 0], [1, 0, 0]]))
+    assert frames.item() == 3 and sums.dtype == torch.float64
+    torch.testing.assert_close(sums, torch.tensor([[1.7, 1.3], [1.3, 1.7]], dtype=torch.float64))
+    assert usage_sums([gates])[1].item() == 6
 
 
 def test_statistics_match_plain_loops():
@@ -108,6 +124,33 @@ def test_load_balancing_loss_value_and_gradient_match_loops():
         torch.testing.assert_close(t.grad, want.float(), rtol=1e-5, atol=1e-7)
 
 
+def test_router_z_loss_by_hand():
+    z = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [9.0, 5.0]]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0]])
+    loss = router_z_loss([z, 2 * z], mask)             # layer 1: lse = log 2, log 4; layer 2: log 2, log 10
+    lse1, lse2 = [math.log(2), math.log(4)], [math.log(2), math.log(10)]
+    want = (sum(v * v for v in lse1) / 2 + sum(v * v for v in lse2) / 2) / 2
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(want, rel=1e-6)
+    loss.backward()
+    # d/dz_te of (1/L) mean_t lse_t² = 2 lse_t softmax(z_t)_e / (N L), through both layers (the second: z → 2z)
+    p1 = [[0.5, 0.5], [0.75, 0.25]]
+    p2 = [[0.5, 0.5], [0.9, 0.1]]
+    want_grad = torch.zeros(1, 3, 2)
+    for t in range(2):
+        for e in range(2):
+            want_grad[0, t, e] = 2 * lse1[t] * p1[t][e] / 4 + 2 * (2 * lse2[t] * p2[t][e] / 4)
+    torch.testing.assert_close(z.grad, want_grad, rtol=1e-5, atol=1e-7)
+    assert router_z_loss([torch.full((4, 3), -math.log(3))]).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_router_z_loss_matches_loops():
+    logits = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(6)) * 3
+    lengths = [5, 2]
+    real = [(b, t) for b in range(2) for t in range(lengths[b])]
+    want = sum(math.log(sum(math.exp(float(v)) for v in logits[b, t])) ** 2 for b, t in real) / len(real)
+    assert router_z_loss([logits], _prefix_mask(lengths, 5)).item() == pytest.approx(want, rel=1e-5)
+
+
 def test_statistics_of_a_steered_encoder(tmp_path):
     from steermoe import SteeredWhisperEncoder
     from steermoe.demo.tiny_models import build_tiny_whisper
@@ -136,6 +179,10 @@ def test_errors():
         gating_statistics(gates, torch.ones(2, 4))
     with pytest.raises(ValueError, match="no real frames"):
         load_balancing_loss(gates, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="no real frames for the router z-loss"):
+        router_z_loss(gates, torch.zeros(2, 5))
+    with pytest.raises(TypeError, match="list or tuple"):
+        router_z_loss(gates[0])
     with pytest.raises(ValueError, match="no real frames"):
         gating_statistics(gates, torch.zeros(2, 5))
     with pytest.raises(ValueError, match="layer_ids"):

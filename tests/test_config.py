@@ -71,6 +71,8 @@ def test_unknown_keys_are_named(tmp_path, values, overrides, key):
     ("data.max_text_tokens=0", "data.max_text_tokens"),
     ("data.bucket_size=4", "data.bucket_size"),       # under batch_size (8)
     ("train.parallel=zero3", "train.parallel"),
+    ("train.z_loss_weight=-0.1", "train.z_loss_weight"),
+    ("train.z_loss_weight=.nan", "train.z_loss_weight"),
 ])
 def test_bad_values_are_named(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

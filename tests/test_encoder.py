@@ -61,21 +61,23 @@ def _whisper_layer64(layer, h, key_mask):
 
 
 def _reference64(enc, features):
-    """Steered forward of one unpadded sample batch in float64: (output (B, T_out, D), gates per steered layer)."""
+    """Steered forward of one unpadded sample batch in float64: (output (B, T_out, D), gates per steered layer,
+    router logits per steered layer)."""
     whisper = enc.encoder
     x = features.double()
     h = F.gelu(F.conv1d(x, whisper.conv1.weight.double(), whisper.conv1.bias.double(), padding=1))
     h = F.gelu(F.conv1d(h, whisper.conv2.weight.double(), whisper.conv2.bias.double(), stride=2, padding=1))
     h = h.transpose(1, 2) + whisper.embed_positions.weight.double()[: h.shape[-1]]
-    gates = []
+    gates, logits = [], []
     for idx, layer in enumerate(whisper.layers):
         h = _whisper_layer64(layer, h, None)
         if idx in enc.steered_layers:
             r = enc.steered_layers.index(idx)
-            g = torch.softmax(h @ enc.router_weight[r].double().t() + enc.router_bias[r].double(), -1)
+            logits.append(h @ enc.router_weight[r].double().t() + enc.router_bias[r].double())
+            g = torch.softmax(logits[-1], -1)
             h = h + enc.layer_scales[r].double() * (g @ enc.steering_vectors[r].double())
             gates.append(g)
-    return _layer_norm(h, whisper.layer_norm), gates
+    return _layer_norm(h, whisper.layer_norm), gates, logits
 
 
 # ----------------------------------------------------------------------------------------- tests
@@ -201,7 +203,7 @@ def test_steering_matches_float64_reference(tiny_path):
         SteeredWhisperEncoder.from_pretrained(tiny_path, num_experts=5, layers=[0, 2]), seed=4)
     x = torch.randn(2, N_MELS, 37)
     out = enc(x, return_gating=True, output_hidden_states=True)
-    want, gates = _reference64(enc, x)
+    want, gates, _ = _reference64(enc, x)
     assert out.last_hidden_state.shape == (2, 19, D_MODEL)
     torch.testing.assert_close(out.last_hidden_state.double(), want, rtol=1e-5, atol=1e-5)
     assert len(out.gating) == 2
@@ -210,6 +212,29 @@ def test_steering_matches_float64_reference(tiny_path):
         torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=1e-5)
     unsteered = SteeredWhisperEncoder(enc.encoder, num_experts=5, steering_scale=0.0)(x).last_hidden_state
     assert (unsteered - out.last_hidden_state).abs().max() > 1e-2
+    assert out.router_logits is None
+
+
+def test_router_logits_and_their_z_loss_gradient_match_float64_reference(tiny_path):
+    from steermoe.analysis import router_z_loss
+
+    enc = _randomise_steering(
+        SteeredWhisperEncoder.from_pretrained(tiny_path, num_experts=5, layers=[0, 2]), seed=5)
+    x = torch.randn(2, N_MELS, 37)
+    out = enc(x, return_gating=True, return_router_logits=True)
+    _, gates, logits = _reference64(enc, x)
+    for z, g, ref in zip(out.router_logits, out.gating, logits):
+        assert z.dtype == torch.float32 and z.shape == (2, 19, 5)
+        torch.testing.assert_close(z.double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.softmax(z, -1), g, rtol=1e-5, atol=1e-6)
+    router_z_loss(out.router_logits).backward()       # the z-loss reaches W and b through the logits
+    got = enc.router_weight.grad.clone(), enc.router_bias.grad.clone()
+    enc.zero_grad()
+    _, _, logits = _reference64(enc, x)
+    torch.stack([torch.logsumexp(z, -1).square().mean() for z in logits]).mean().backward()
+    for a, b in zip(got, (enc.router_weight.grad, enc.router_bias.grad)):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -253,7 +278,7 @@ def test_gradients_reach_every_steering_tensor(tiny_path, checkpointing):
     ref = copy.deepcopy(enc)
     for p in ref.parameters():
         p.grad = None
-    ref_out, _ = _reference64(ref, x)
+    ref_out, _, _ = _reference64(ref, x)
     (ref_out * weights).sum().backward()
     for name in ("router_weight", "router_bias", "steering_vectors", "layer_scales"):
         grad = getattr(enc, name).grad

@@ -86,7 +86,7 @@ def test_eval_command_scores_the_whole_set(tmp_path, capsys):
                  "--batch_size", "2", "--max_new_tokens", "5", "--id_column", "id", "--device", "cpu"]) == 0
     stdout = capsys.readouterr().out
     printed = json.loads(stdout.split("\ngating over")[0])
-    assert "layer  0: usage entropy" in stdout and "layer  1: usage entropy" in stdout
+    assert "layer  0: usage entropy" in stdout and "layer  1: usage entropy" in stdout and "top share" in stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["id"] for r in records) == sorted(r["id"] for r in good)       # every usable row, once
     assert {r["id"]: r["reference"] for r in records} == {r["id"]: r["text"] for r in good}
@@ -101,6 +101,8 @@ def test_eval_command_scores_the_whole_set(tmp_path, capsys):
     assert [layer["layer"] for layer in gating["layers"]] == [0, 1]                 # every steered layer
     for layer in gating["layers"]:
         assert len(layer["usage"]) == 3 and sum(layer["usage"]) == pytest.approx(1.0)
+        assert layer["top_share"] == pytest.approx(max(layer["usage"]))
+        assert layer["usage_entropy"] == pytest.approx(-sum(u * math.log(u) for u in layer["usage"]))
 
 
 def test_transcribe_prints_one_line_per_file_matching_eval(tmp_path, capsys):

@@ -331,6 +331,49 @@ def test_per_group_lrs_and_schedule_reach_the_optimizer(tmp_path):
     assert {g["name"] for g in state["optimizer"]["param_groups"]} == {"router", "vectors", "scales", "projector"}
 
 
+def test_router_health_and_z_loss_are_logged_from_the_steps_gates(tmp_path, monkeypatch):
+    from steermoe.analysis import router_z_loss
+    from steermoe.model import SteerMoEModel
+
+    seen = []          # per forward: (gating, mask, router logits, target tokens), detached
+    real_forward = SteerMoEModel.forward
+
+    def forward(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        detach = (lambda t: None if t is None else tuple(g.detach().clone() for g in t))
+        seen.append((detach(out.gating), out.gating_mask, detach(out.router_logits), int(out.num_tokens)))
+        return out
+
+    monkeypatch.setattr(SteerMoEModel, "forward", forward)
+    cfg = tiny_config(tmp_path, data="rows5", batch_size=2, grad_accum=2, max_steps=4, log_every=2,
+                      z_loss_weight=0.01, eval_utterances=2)
+    cfg.data.eval = [tiny_assets()["rows4"]]
+    train(cfg)
+    records = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+    evals = [r for r in records if "eval/wer" in r]
+    records = [r for r in records if "loss" in r]
+    assert len(evals) == 1 and len(evals[0]["eval/router/usage_entropy"]) == len(evals[0]["eval/router/top_share"]) == 2
+    assert all(0 <= e <= math.log(3) + 1e-6 for e in evals[0]["eval/router/usage_entropy"])
+    assert [("router/usage_entropy" in r, "router/top_share" in r) for r in records] == [(False, False), (True, True)] * 2
+    assert [seen[i][0] is None for i in range(8)] == [True, True, False, False] * 2   # gates asked for on log steps
+    seen = seen[:8]                                               # the rest: the final evaluation's forwards
+    for step in (2, 4):
+        record, micro = records[step - 1], seen[2 * (step - 1): 2 * step]
+        for layer, (entropy, top) in enumerate(zip(record["router/usage_entropy"], record["router/top_share"])):
+            # the mean gate over every real encoder frame of the step's two micro-batches, by plain loops
+            rows = [g[layer][b, t].double() for g, mask, _, _ in micro
+                    for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
+            usage = torch.stack(rows).mean(0)
+            assert entropy == pytest.approx(-float((usage * usage.log()).sum()), abs=1e-5)
+            assert top == pytest.approx(float(usage.max()), abs=1e-5)
+        assert len(record["router/usage_entropy"]) == 2            # the tiny Whisper's two steered layers
+    assert any(bool((mask == 0).any()) for _, mask, _, _ in seen)    # padded frames were there to leave out
+    for step, record in enumerate(records, 1):                    # z-loss: token-weighted over micro-batches
+        micro = seen[2 * (step - 1): 2 * step]
+        want = sum(float(router_z_loss(z, mask)) * tokens for _, mask, z, tokens in micro) / record["tokens"]
+        assert record["z_loss"] == pytest.approx(want, rel=1e-5)
+
+
 class Killed(Exception):
     pass
 
