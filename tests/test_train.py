@@ -331,6 +331,20 @@ def test_per_group_lrs_and_schedule_reach_the_optimizer(tmp_path):
     assert {g["name"] for g in state["optimizer"]["param_groups"]} == {"router", "vectors", "scales", "projector"}
 
 
+def test_resume_with_more_steps_follows_the_new_schedule_from_the_first_resumed_step(tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run(), out)                  # two steps of a max_steps=2 schedule (warmup 1)
+    train(tiny_config(out, batch_size=2, max_steps=5), resume=True)
+    records = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    min_lr_ratio = TrainConfig().min_lr_ratio
+    for r in records:
+        mult = lr_lambda(r["step"] - 1, warmup_steps=1, max_steps=2 if r["step"] <= 2 else 5,
+                         min_lr_ratio=min_lr_ratio)
+        assert (r["step"], r["lr/vectors"], r["lr/router"]) == (r["step"], pytest.approx(2e-3 * mult),
+                                                                pytest.approx(3e-3 * mult))
+
+
 class Killed(Exception):
     pass
 
