@@ -4,7 +4,7 @@ Layout under a run's ``output_dir``::
 
     checkpoints/step_00000100/
         <model.save_trainable(...)>   trainable tensors (safetensors) + the JSON config naming the base models
-        training_state.pt             step, world size, optimizer, scheduler, loss-scaler, RNG and data-position
+        training_state.pt             step, world size, optimizer, loss-scaler, RNG and data-position
                                       state, and the non-finite step counts
 
 A checkpoint is written into a hidden temporary sibling, fsynced, and renamed into place only when complete, so a

@@ -18,9 +18,26 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser that takes its positionals anywhere among the options, e.g. the overrides of
+    ``train --config X a=1 --overwrite b=2`` (``parse_intermixed_args`` for the subcommand's arguments)."""
+
+    _parsing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._parsing:          # the intermixed parse's own passes over the options, then the positionals
+            return super().parse_known_args(args, namespace)
+        self._parsing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steermoe", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,transcribe,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,transcribe,demo}",
+                                parser_class=_IntermixedParser)
 
     p = sub.add_parser("train", help="train the steering tensors and projector",
                        description="Train from a YAML config; section.key=value pairs override it.")

@@ -56,6 +56,18 @@ def lr_lambda(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: flo
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The :func:`lr_lambda` schedule, positioned at optimizer step ``step``: every group's lr is set to its base
+    lr (``initial_lr``, kept in the optimizer's state) times ``lr_lambda(step)``.
+
+    The schedule is a function of the step alone, so a resumed run rebuilds it from the step rather than restoring
+    a saved one: with a changed ``max_steps`` the first resumed step already follows the new schedule.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
+        s, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio), last_epoch=step - 1)
+
+
 def build_optimizer(groups: Dict[str, List[torch.nn.Parameter]], cfg: TrainConfig,
                     decayed: Sequence[torch.nn.Parameter]) -> torch.optim.AdamW:
     """AdamW with one learning rate per named group (``lr_router``, ``lr_vectors``, ...).
@@ -234,7 +246,7 @@ def check_resume_config(cfg: Config, saved_path: str) -> None:
 
     Every other key sets the data order (batch_size, grad_accum, seed, data paths and filters) or the optimization
     trajectory (the model, learning rates, schedule, optimizer). Learning rates in particular cannot change: the
-    checkpoint's optimizer and scheduler state carry the old ones. Changing them takes a new run.
+    checkpoint's optimizer state carries the old ones as its base rates. Changing them takes a new run.
     """
     if not os.path.isfile(saved_path):
         raise CheckpointError(f"--resume: {saved_path} is missing, so this config cannot be checked against the run's")
@@ -295,10 +307,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
               f"sharded layers' weights, and {held['whole']} bytes of frozen weights kept whole", flush=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    # ---- optimizer (one LR per group) and schedule (warmup, then cosine to max_steps)
+    # ---- optimizer (one LR per group); the schedule (warmup, then cosine to max_steps) is built at the start step
     optimizer = build_optimizer(model.trainable_parameter_groups(), tc, model.decayed_parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
-        s, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, min_lr_ratio=tc.min_lr_ratio))
     # float16 frozen weights: scale the loss so the backward through them does not underflow; a step whose
     # gradient overflowed is skipped (and counted) like any non-finite step, and the scale halves
     scaler = torch.amp.GradScaler(env.device.type, enabled=m.dtype == "float16")
@@ -317,12 +327,12 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
         except ValueError as err:
             raise CheckpointError(f"cannot resume {resume_from}: {err}") from None
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         step, nonfinite_total, nonfinite_in_a_row = state["step"], state["nonfinite_total"], state["nonfinite_in_a_row"]
         if env.is_main:
             print(f"resuming from step {step} (checkpoint {resume_from})", flush=True)
+    scheduler = build_scheduler(optimizer, tc, step)
     batch_iter = iter(train_batches)
 
     def next_micro_batches():
@@ -373,7 +383,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
             # the data position is the same on every process; the RNG state is the main process's (the loop
             # draws no random numbers: the frozen parts have no dropout and the data order is seeded)
             state = {"step": step, "world_size": env.world_size, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "scaler": scaler.state_dict(),
                      "data": train_batches.state_dict(), "rng": rng_state(), "nonfinite_total": nonfinite_total,
                      "nonfinite_in_a_row": nonfinite_in_a_row}
             path = save_checkpoint(cfg.output_dir, step, model, state, keep=tc.keep_checkpoints)

@@ -1,4 +1,5 @@
-"""Test setup: run the Triton kernels in Triton's CPU interpreter unless a GPU is present.
+"""Test setup: run the Triton kernels in Triton's CPU interpreter unless a GPU is present; skip the tiers whose
+hardware (``gpu``) or inputs (``real``: STEERMOE_REAL_MODELS) are absent.
 
 TRITON_INTERPRET is read when ``@triton.jit`` decorates the kernels, so it is set here, before any test
 module imports steermoe.
@@ -22,10 +23,19 @@ if not _has_cuda():
 HAS_CUDA = _has_cuda()
 
 
+REAL_MODELS = os.environ.get("STEERMOE_REAL_MODELS")   # a directory of real checkpoints and speech (tier "real")
+if REAL_MODELS:   # read when huggingface_hub is imported: local checkpoints load without looking for a hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skips = {}
+    if not HAS_CUDA:
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA device")
+    if not REAL_MODELS:
+        skips["real"] = pytest.mark.skip(reason="needs STEERMOE_REAL_MODELS=DIR, a directory of real checkpoints "
+                                                "(README: Real checkpoints)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)

@@ -13,7 +13,7 @@ from test_evaluate import unusable_parquet
 from test_train import tiny_assets, tiny_config, tiny_run
 
 from steermoe.checkpoint import list_checkpoints
-from steermoe.cli import main
+from steermoe.cli import _parser, main
 from steermoe.config import save_config
 from steermoe.train import read_metrics
 
@@ -77,6 +77,20 @@ def test_help_and_usage_errors(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--data", "x.parquet"])           # --checkpoint missing: argparse's own usage error
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--config", "c.yaml", "a=1", "--overwrite", "b=2"],
+     {"config": "c.yaml", "overrides": ["a=1", "b=2"], "overwrite": True, "resume": False}),
+    (["train", "a=1", "--resume", "b=2", "--config", "c.yaml", "c=3"],
+     {"config": "c.yaml", "overrides": ["a=1", "b=2", "c=3"], "overwrite": False, "resume": True}),
+    (["demo", "a=1", "--output_dir", "d", "b=2"], {"output_dir": "d", "overrides": ["a=1", "b=2"]}),
+    (["transcribe", "a.wav", "--checkpoint", "c", "b.wav", "--device", "cpu"],
+     {"checkpoint": "c", "audio": ["a.wav", "b.wav"], "device": "cpu"}),
+])
+def test_positionals_are_taken_wherever_they_stand_among_the_options(argv, expected):
+    args = vars(_parser().parse_args(argv))
+    assert {k: args[k] for k in expected} == expected
 
 
 def test_non_positive_batch_size_or_token_limit_is_a_usage_error_naming_the_option(capsys):

@@ -374,6 +374,20 @@ def test_router_health_and_z_loss_are_logged_from_the_steps_gates(tmp_path, monk
         assert record["z_loss"] == pytest.approx(want, rel=1e-5)
 
 
+def test_resume_with_more_steps_follows_the_new_schedule_from_the_first_resumed_step(tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run(), out)                  # two steps of a max_steps=2 schedule (warmup 1)
+    train(tiny_config(out, batch_size=2, max_steps=5), resume=True)
+    records = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    min_lr_ratio = TrainConfig().min_lr_ratio
+    for r in records:
+        mult = lr_lambda(r["step"] - 1, warmup_steps=1, max_steps=2 if r["step"] <= 2 else 5,
+                         min_lr_ratio=min_lr_ratio)
+        assert (r["step"], r["lr/vectors"], r["lr/router"]) == (r["step"], pytest.approx(2e-3 * mult),
+                                                                pytest.approx(3e-3 * mult))
+
+
 class Killed(Exception):
     pass
 
