@@ -49,58 +49,69 @@ def _load_rows(X, R, offsets, mask, HAS_RESIDUAL: tl.constexpr):
 @triton.jit
 def _steer_fwd_kernel(X, R, W, B, V, S, Y, G, N, D,
                       E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_GATING: tl.constexpr,
-                      PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    row_off = rows.to(tl.int64)[:, None] * D
-    experts = tl.arange(0, E_PAD)
-    expert_ok = experts < E
-
-    logits = tl.zeros((BLOCK_M, E_PAD), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        x = _load_rows(X, R, row_off + cols[None, :], row_ok[:, None] & col_ok[None, :], HAS_RESIDUAL)
-        w_t = tl.load(W + experts[None, :] * D + cols[:, None], mask=col_ok[:, None] & expert_ok[None, :],
-                      other=0.0)
-        logits += tl.dot(x.to(tl.float32), w_t.to(tl.float32), input_precision=PRECISION)
-    if HAS_BIAS:
-        logits += tl.load(B + experts, mask=expert_ok, other=0.0).to(tl.float32)[None, :]
-    logits = tl.where(expert_ok[None, :], logits, float("-inf"))
-    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    g = p / tl.sum(p, axis=1)[:, None]
-    if STORE_GATING:
-        tl.store(G + rows.to(tl.int64)[:, None] * E + experts[None, :], g,
-                 mask=row_ok[:, None] & expert_ok[None, :])
-
-    s = tl.load(S).to(tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = _load_rows(X, R, row_off + cols[None, :], mask, HAS_RESIDUAL).to(tl.float32)
-        v = tl.load(V + experts[:, None] * D + cols[None, :], mask=expert_ok[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)
-        y = x + s * tl.dot(g.to(tl.float32), v.to(tl.float32), input_precision=PRECISION)
-        tl.store(Y + row_off + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _steer_bwd_kernel(DY, Y, G, DG, W, V, S, DX, DW_PART, DV_PART, DB_PART, DS_PART, N, D,
-                      E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HAS_GATING_GRAD: tl.constexpr, PRECISION: tl.constexpr):
+                      STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                      STORE_GATING: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     experts = tl.arange(0, E_PAD)
     expert_ok = experts < E
     s = tl.load(S).to(tl.float32)
-    part_off = pid.to(tl.int64) * E * D
+    bias = tl.zeros((E_PAD,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(B + experts, mask=expert_ok, other=0.0).to(tl.float32)
+
+    for block in range(pid, tl.cdiv(N, BLOCK_M), num_programs):
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        row_off = rows.to(tl.int64)[:, None] * D
+        logits = tl.zeros((BLOCK_M, E_PAD), dtype=tl.float32)
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            x = _load_rows(X, R, row_off + cols[None, :], row_ok[:, None] & col_ok[None, :], HAS_RESIDUAL)
+            w_t = tl.load(W + experts[None, :] * D + cols[:, None], mask=col_ok[:, None] & expert_ok[None, :],
+                          other=0.0)
+            logits += tl.dot(x.to(tl.float32), w_t.to(tl.float32), input_precision=PRECISION)
+        logits = tl.where(expert_ok[None, :], logits + bias[None, :], float("-inf"))
+        p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        g = p / tl.sum(p, axis=1)[:, None]
+        if STORE_GATING:
+            tl.store(G + rows.to(tl.int64)[:, None] * E + experts[None, :], g,
+                     mask=row_ok[:, None] & expert_ok[None, :])
+
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):  # the row block again, from L2
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            mask = row_ok[:, None] & col_ok[None, :]
+            x = _load_rows(X, R, row_off + cols[None, :], mask, HAS_RESIDUAL).to(tl.float32)
+            v = tl.load(V + experts[:, None] * D + cols[None, :], mask=expert_ok[:, None] & col_ok[None, :],
+                        other=0.0).to(tl.float32)
+            y = x + s * tl.dot(g, v, input_precision=PRECISION)
+            tl.store(Y + row_off + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ws_tail(E: tl.constexpr) -> tl.constexpr:
+    """Length of a workspace row's tail (C, db, ds: E·E + E + 1 floats) rounded up to 16 floats, so that every
+    row starts 64-byte aligned (D % 16 == 0) and the partial tiles load in 16-byte vectors."""
+    return (E * E + E + 16) // 16 * 16
+
+
+@triton.jit
+def _steer_bwd_kernel(DY, Y, G, DG, W, V, S, DX, WS, N, D,
+                      E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                      STAGES: tl.constexpr, HAS_GATING_GRAD: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    experts = tl.arange(0, E_PAD)
+    expert_ok = experts < E
+    s = tl.load(S).to(tl.float32)
+    ws = WS + pid.to(tl.int64) * (2 * E * D + _ws_tail(E))  # this program's row of the workspace
+    corr = tl.zeros((E_PAD, E_PAD), dtype=tl.float32)  # Σ dlogitsᵀ·g over the program's rows
     db_acc = tl.zeros((E_PAD,), dtype=tl.float32)
     ds_acc = tl.zeros((E_PAD,), dtype=tl.float32)
 
-    for block in range(pid, tl.cdiv(N, BLOCK_M), num_programs):
+    for block in range(pid, tl.cdiv(N, BLOCK_M), num_programs):  # row blocks in increasing order
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         row_off = rows.to(tl.int64)[:, None] * D
@@ -109,7 +120,7 @@ def _steer_bwd_kernel(DY, Y, G, DG, W, V, S, DX, DW_PART, DV_PART, DB_PART, DS_P
         g = tl.load(G + gate_off, mask=gate_ok, other=0.0)
 
         u = tl.zeros((BLOCK_M, E_PAD), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_ok = cols < D
             dy = tl.load(DY + row_off + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -122,31 +133,32 @@ def _steer_bwd_kernel(DY, Y, G, DG, W, V, S, DX, DW_PART, DV_PART, DB_PART, DS_P
         dlogits = g * (dg - tl.sum(g * dg, axis=1)[:, None])
         db_acc += tl.sum(dlogits, axis=0)
         ds_acc += tl.sum(g * u, axis=0)
+        corr += tl.dot(tl.trans(dlogits), g, input_precision="ieee")
 
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_ok = cols < D
             mask = row_ok[:, None] & col_ok[None, :]
-            dy = tl.load(DY + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(Y + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row_off + cols[None, :], mask=mask, other=0.0)
+            y = tl.load(Y + row_off + cols[None, :], mask=mask, other=0.0)
             param_off = experts[:, None] * D + cols[None, :]
             param_ok = expert_ok[:, None] & col_ok[None, :]
-            v = tl.load(V + param_off, mask=param_ok, other=0.0).to(tl.float32)
-            w = tl.load(W + param_off, mask=param_ok, other=0.0).to(tl.float32)
-            x = y - s * tl.dot(g.to(tl.float32), v.to(tl.float32), input_precision=PRECISION)
-            dx = dy + tl.dot(dlogits.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+            w = tl.load(W + param_off, mask=param_ok, other=0.0)
+            dx = dy.to(tl.float32) + tl.dot(dlogits, w.to(tl.float32), input_precision=PRECISION)
             tl.store(DX + row_off + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            part_ok = param_ok & (tl.zeros_like(param_off) + block > pid)  # the first row block initialises
+            dw = tl.load(ws + param_off, mask=part_ok, other=0.0)
+            dw += tl.dot(tl.trans(dlogits), y.to(tl.float32), input_precision=PRECISION)
+            tl.store(ws + param_off, dw, mask=param_ok)
+            dv = tl.load(ws + E * D + param_off, mask=part_ok, other=0.0)
+            dv += tl.dot(tl.trans(g), dy.to(tl.float32), input_precision=PRECISION)
+            tl.store(ws + E * D + param_off, dv, mask=param_ok)
+        tl.debug_barrier()  # this row block's partial-tile stores precede the next one's loads, in every thread
 
-            part_ok = param_ok & (tl.zeros_like(param_off) + block > pid)  # first row block initialises
-            dw = tl.load(DW_PART + part_off + param_off, mask=part_ok, other=0.0)
-            dw += tl.dot(tl.trans(dlogits).to(tl.float32), x.to(tl.float32), input_precision=PRECISION)
-            tl.store(DW_PART + part_off + param_off, dw, mask=param_ok)
-            dv = tl.load(DV_PART + part_off + param_off, mask=part_ok, other=0.0)
-            dv += s * tl.dot(tl.trans(g).to(tl.float32), dy.to(tl.float32), input_precision=PRECISION)
-            tl.store(DV_PART + part_off + param_off, dv, mask=param_ok)
-
-    tl.store(DB_PART + pid * E + experts, db_acc, mask=expert_ok)
-    tl.store(DS_PART + pid, tl.sum(ds_acc, axis=0))
+    tl.store(ws + 2 * E * D + experts[:, None] * E + experts[None, :], corr,
+             mask=expert_ok[:, None] & expert_ok[None, :])
+    tl.store(ws + 2 * E * D + E * E + experts, db_acc, mask=expert_ok)
+    tl.store(ws + 2 * E * D + E * E + E, tl.sum(ds_acc, axis=0))
 
 
 def _expert_pad(num_experts: int) -> int:
@@ -158,38 +170,41 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Row-block bytes the forward's resident programs may keep in L2 for its second sweep, per SM: half of an
+# A100's (40 MB / 108 SMs) or H100's (50 MB / 132) share, so the re-read hits while the streams pass through.
+L2_BYTES_PER_SM = 192 * 1024
 LAUNCH_OPTIONS = ("num_warps", "num_stages")  # launch options; the rest of a config are the kernel's constexprs
 
 
 def launch_config(kernel: str, dim: int, dtype: torch.dtype, num_experts: int) -> dict:
-    """Block sizes and launch options of ``kernel`` ("forward" | "backward") for rows of width ``dim``; the
-    backward's also holds ``programs_per_sm``, its persistent grid's size per SM.
+    """Block sizes and launch options of ``kernel`` ("forward" | "backward") for rows of width ``dim``, and
+    ``programs_per_sm``, the size of its persistent grid per SM.
 
     Every combination is compiled for sm_80 and sm_90 by tests/test_kernels_aot.py, which asserts no spills;
     ``python -m benchmarks.tune`` times alternatives on a GPU.
     """
     e_pad = _expert_pad(num_experts)
-    if kernel == "forward":
-        block_d = 32 if dtype == torch.float32 and e_pad >= 64 else 64  # exact fp32 products hold more registers
-    else:  # the backward keeps more (rows, E) tiles live: narrower D tiles as E grows, and for fp32
+    if kernel == "forward":  # exact fp32 products (FMAs) hold more registers
+        block_d = {16: 32}.get(e_pad, 16) if dtype == torch.float32 else (64 if e_pad <= 32 else 32)
+        stages, row_block_bytes = 3, 32 * dim * torch.finfo(dtype).bits // 8
+        per_sm = max(1, min(2, L2_BYTES_PER_SM // row_block_bytes))
+    else:  # the backward keeps more (rows, E) tiles live: narrower D tiles and fewer stages as E grows
         block_d = {16: 64, 32: 32}.get(e_pad, 16) // (2 if dtype == torch.float32 else 1)
-    # 3 stages pipeline the forward's loads (more bytes in flight per SM); spill-free at E_PAD = 16 only
-    stages = 3 if kernel == "forward" and e_pad == 16 else 1
-    config = dict(E=num_experts, E_PAD=e_pad, BLOCK_M=32, BLOCK_D=max(16, min(block_d, triton.next_power_of_2(dim))),
-                  PRECISION=_precision(dtype), num_warps=8, num_stages=stages)
-    if kernel == "backward":
-        config["programs_per_sm"] = 1
-    return config
+        stages, per_sm = (4 if e_pad <= 32 else 2), 1
+    return dict(E=num_experts, E_PAD=e_pad, BLOCK_M=32, BLOCK_D=max(16, min(block_d, triton.next_power_of_2(dim))),
+                PRECISION=_precision(dtype), num_warps=8, num_stages=stages, programs_per_sm=per_sm)
 
 
 def split_config(kernel: str, config: dict) -> Tuple[dict, dict]:
-    """(constexprs, Triton launch options) of a launch config. The persistent backward also gets a register cap
-    that fits exactly its programs per SM: left alone, ptxas aims at more resident programs than the grid runs
-    and spills to get there (16 B per thread at E = 8 with triton 3.2 on sm_80 and 3.8 on sm_90)."""
+    """(constexprs, Triton launch options) of a launch config. ``num_stages`` is also the kernel's ``STAGES``: each
+    D loop asks for it explicitly, which makes Triton pipeline every load of the loop (``cp.async``), not only
+    the operands of ``tl.dot``. The persistent grids get a register cap that fits exactly their programs per SM:
+    left alone, ptxas aims at more resident programs than the grid runs and spills to get there (16 B per
+    thread at E = 8 with triton 3.2 on sm_80 and 3.8 on sm_90)."""
     meta = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS and k != "programs_per_sm"}
+    meta["STAGES"] = config["num_stages"]
     options = {k: config[k] for k in LAUNCH_OPTIONS}
-    if kernel == "backward":
-        options["maxnreg"] = min(255, 65536 // (config["programs_per_sm"] * config["num_warps"] * 32))
+    options["maxnreg"] = min(255, 65536 // (config["programs_per_sm"] * config["num_warps"] * 32))
     return meta, options
 
 
@@ -226,9 +241,11 @@ def steer_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Te
     gating = torch.empty((n if save_gating else 0, e), dtype=torch.float32, device=x.device)
     if n == 0:
         return y, gating
-    meta, options = split_config("forward", config or launch_config("forward", d, x.dtype, e))
+    config = config or launch_config("forward", d, x.dtype, e)
+    meta, options = split_config("forward", config)
+    programs = _num_programs(x, triton.cdiv(n, meta["BLOCK_M"]), config["programs_per_sm"])
     with _device_guard(x):
-        _steer_fwd_kernel[(triton.cdiv(n, meta["BLOCK_M"]),)](
+        _steer_fwd_kernel[(programs,)](
             x, x if residual is None else residual, weight, bias if bias is not None else weight, vectors, scale,
             y, gating, n, d, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
             STORE_GATING=save_gating, **meta, **options)
@@ -247,15 +264,24 @@ def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, ve
     meta, options = split_config("backward", config)
     programs = _num_programs(y, triton.cdiv(n, meta["BLOCK_M"]), config["programs_per_sm"])
     f32 = dict(dtype=torch.float32, device=y.device)
-    dw_part = torch.empty((programs, e, d), **f32)
-    dv_part = torch.empty((programs, e, d), **f32)
-    db_part = torch.empty((programs, e), **f32)
-    ds_part = torch.empty((programs,), **f32)
     if n == 0:
         zero = torch.zeros((e, d), **f32)
         return dx, zero, torch.zeros((e,), **f32), zero.clone(), torch.zeros((1,), **f32)
+    workspace = torch.empty((programs, 2 * e * d + _ws_tail.fn(e)), **f32)
     with _device_guard(y):
         _steer_bwd_kernel[(programs,)](
             grad_y, y, gating, gating if grad_gating is None else grad_gating, weight, vectors, scale, dx,
-            dw_part, dv_part, db_part, ds_part, n, d, HAS_GATING_GRAD=grad_gating is not None, **meta, **options)
-    return dx, dw_part.sum(0), db_part.sum(0), dv_part.sum(0), ds_part.sum(0, keepdim=True)
+            workspace, n, d, HAS_GATING_GRAD=grad_gating is not None, **meta, **options)
+    return (dx, *reduce_workspace(workspace, vectors, scale))
+
+
+def reduce_workspace(workspace: Tensor, vectors: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward's (P, 2·E·D + tail) fp32 workspace, rows [Σ dlogitsᵀ·y (E, D) | Σ gᵀ·dy (E, D) |
+    C = Σ dlogitsᵀ·g (E, E) | Σ dlogits (E,) | Σ g·u | padding], summed over its P rows in one reduction →
+    fp32 dW = Σ dlogitsᵀ·y − s·C·V (as x = y − s·g·V), db, dV = s·Σ gᵀ·dy, ds."""
+    e, d = vectors.shape
+    total = workspace.sum(0)
+    dw_y, gdy, tail = total[:e * d].view(e, d), total[e * d:2 * e * d].view(e, d), total[2 * e * d:]
+    scale = scale.reshape(1).float()
+    dw = torch.addmm(dw_y, tail[:e * e].view(e, e) * scale, vectors.float(), alpha=-1)
+    return dw, tail[e * e:e * e + e], gdy * scale, tail[e * e + e:e * e + e + 1]
