@@ -91,14 +91,7 @@ def _steer_fwd_kernel(X, R, W, B, V, S, Y, G, N, D,
 
 
 @triton.jit
-def _ws_tail(E: tl.constexpr) -> tl.constexpr:
-    """Length of a workspace row's tail (C, db, ds: E·E + E + 1 floats) rounded up to 16 floats, so that every
-    row starts 64-byte aligned (D % 16 == 0) and the partial tiles load in 16-byte vectors."""
-    return (E * E + E + 16) // 16 * 16
-
-
-@triton.jit
-def _steer_bwd_kernel(DY, Y, G, DG, W, V, S, DX, WS, N, D,
+def _steer_bwd_kernel(DY, Y, G, DG, W, V, S, DX, DL, WS, WS_ROW, N, D,
                       E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                       STAGES: tl.constexpr, HAS_GATING_GRAD: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
@@ -106,9 +99,7 @@ def _steer_bwd_kernel(DY, Y, G, DG, W, V, S, DX, WS, N, D,
     experts = tl.arange(0, E_PAD)
     expert_ok = experts < E
     s = tl.load(S).to(tl.float32)
-    ws = WS + pid.to(tl.int64) * (2 * E * D + _ws_tail(E))  # this program's row of the workspace
-    corr = tl.zeros((E_PAD, E_PAD), dtype=tl.float32)  # Σ dlogitsᵀ·g over the program's rows
-    db_acc = tl.zeros((E_PAD,), dtype=tl.float32)
+    ws = WS + pid.to(tl.int64) * WS_ROW  # this program's row of the workspace
     ds_acc = tl.zeros((E_PAD,), dtype=tl.float32)
 
     for block in range(pid, tl.cdiv(N, BLOCK_M), num_programs):  # row blocks in increasing order
@@ -131,9 +122,8 @@ def _steer_bwd_kernel(DY, Y, G, DG, W, V, S, DX, WS, N, D,
         if HAS_GATING_GRAD:
             dg += tl.load(DG + gate_off, mask=gate_ok, other=0.0)
         dlogits = g * (dg - tl.sum(g * dg, axis=1)[:, None])
-        db_acc += tl.sum(dlogits, axis=0)
+        tl.store(DL + gate_off, dlogits, mask=gate_ok)
         ds_acc += tl.sum(g * u, axis=0)
-        corr += tl.dot(tl.trans(dlogits), g, input_precision="ieee")
 
         for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
             cols = d0 + tl.arange(0, BLOCK_D)
@@ -155,10 +145,7 @@ def _steer_bwd_kernel(DY, Y, G, DG, W, V, S, DX, WS, N, D,
             tl.store(ws + E * D + param_off, dv, mask=param_ok)
         tl.debug_barrier()  # this row block's partial-tile stores precede the next one's loads, in every thread
 
-    tl.store(ws + 2 * E * D + experts[:, None] * E + experts[None, :], corr,
-             mask=expert_ok[:, None] & expert_ok[None, :])
-    tl.store(ws + 2 * E * D + E * E + experts, db_acc, mask=expert_ok)
-    tl.store(ws + 2 * E * D + E * E + E, tl.sum(ds_acc, axis=0))
+    tl.store(ws + 2 * E * D, tl.sum(ds_acc, axis=0))
 
 
 def _expert_pad(num_experts: int) -> int:
@@ -190,7 +177,7 @@ def launch_config(kernel: str, dim: int, dtype: torch.dtype, num_experts: int) -
         per_sm = max(1, min(2, L2_BYTES_PER_SM // row_block_bytes))
     else:  # the backward keeps more (rows, E) tiles live: narrower D tiles and fewer stages as E grows
         block_d = {16: 64, 32: 32}.get(e_pad, 16) // (2 if dtype == torch.float32 else 1)
-        stages, per_sm = (4 if e_pad <= 32 else 2), 1
+        stages, per_sm = {16: 4}.get(e_pad, 3), 1
     return dict(E=num_experts, E_PAD=e_pad, BLOCK_M=32, BLOCK_D=max(16, min(block_d, triton.next_power_of_2(dim))),
                 PRECISION=_precision(dtype), num_warps=8, num_stages=stages, programs_per_sm=per_sm)
 
@@ -267,21 +254,30 @@ def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, ve
     if n == 0:
         zero = torch.zeros((e, d), **f32)
         return dx, zero, torch.zeros((e,), **f32), zero.clone(), torch.zeros((1,), **f32)
-    workspace = torch.empty((programs, 2 * e * d + _ws_tail.fn(e)), **f32)
+    workspace = torch.empty((programs, workspace_row(e, d)), **f32)
+    dlogits = torch.empty((n, e), **f32)
     with _device_guard(y):
         _steer_bwd_kernel[(programs,)](
             grad_y, y, gating, gating if grad_gating is None else grad_gating, weight, vectors, scale, dx,
-            workspace, n, d, HAS_GATING_GRAD=grad_gating is not None, **meta, **options)
-    return (dx, *reduce_workspace(workspace, vectors, scale))
+            dlogits, workspace, workspace.shape[1], n, d, HAS_GATING_GRAD=grad_gating is not None, **meta,
+            **options)
+    return (dx, *reduce_workspace(workspace, dlogits, gating, vectors, scale))
 
 
-def reduce_workspace(workspace: Tensor, vectors: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The backward's (P, 2·E·D + tail) fp32 workspace, rows [Σ dlogitsᵀ·y (E, D) | Σ gᵀ·dy (E, D) |
-    C = Σ dlogitsᵀ·g (E, E) | Σ dlogits (E,) | Σ g·u | padding], summed over its P rows in one reduction →
-    fp32 dW = Σ dlogitsᵀ·y − s·C·V (as x = y − s·g·V), db, dV = s·Σ gᵀ·dy, ds."""
+def workspace_row(num_experts: int, dim: int) -> int:
+    """Floats per row of the backward's workspace: 2·E·D partial sums and ds, padded to a multiple of 16 so that
+    each row starts 64-byte aligned (with D % 8 == 0) and its tiles load in 16-byte vectors."""
+    return 2 * num_experts * dim + 16
+
+
+def reduce_workspace(workspace: Tensor, dlogits: Tensor, gating: Tensor, vectors: Tensor,
+                     scale: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward's (P, 2·E·D + 16) fp32 workspace, rows [Σ dlogitsᵀ·y (E, D) | Σ gᵀ·dy (E, D) | Σ g·u |
+    padding], summed over its P rows in one reduction, and dlogits (N, E) fp32 → fp32 dW = Σ dlogitsᵀ·y −
+    s·(dlogitsᵀ·g)·V (as x = y − s·g·V), db = Σ dlogits, dV = s·Σ gᵀ·dy, ds."""
     e, d = vectors.shape
     total = workspace.sum(0)
-    dw_y, gdy, tail = total[:e * d].view(e, d), total[e * d:2 * e * d].view(e, d), total[2 * e * d:]
     scale = scale.reshape(1).float()
-    dw = torch.addmm(dw_y, tail[:e * e].view(e, e) * scale, vectors.float(), alpha=-1)
-    return dw, tail[e * e:e * e + e], gdy * scale, tail[e * e + e:e * e + e + 1]
+    correction = (dlogits.t() @ gating) * scale  # (E, E)
+    dw = torch.addmm(total[:e * d].view(e, d), correction, vectors.float(), alpha=-1)
+    return dw, dlogits.sum(0), total[e * d:2 * e * d].view(e, d) * scale, total[2 * e * d:2 * e * d + 1]
