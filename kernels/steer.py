@@ -1,27 +1,29 @@
 """Triton kernels for the fused steering op and their launchers.
 
 Rows x (N, D) contiguous; W, V (E, D) and b (E,) in fp32 or x's dtype; s a (1,) fp32 tensor read on device.
+Both kernels run a persistent grid (``programs_per_sm`` × SMs programs, all resident: no tail wave), each program
+looping over row blocks of BLOCK_M rows in increasing order, two sweeps over D in BLOCK_D columns per block. Every
+D loop asks for ``num_stages`` explicitly (``tl.range``), which makes Triton pipeline all of its loads with
+``cp.async`` (read off the PTX by tests/test_kernels_aot.py; triton 3.3 pipelines only the ``tl.dot`` operands).
 
-Forward, one program per BLOCK_M rows, two sweeps over D in BLOCK_D columns:
-  1. logits += x_blk · W_blkᵀ  (tensor-core dot; E padded to E_PAD ≥ 16 with masked experts)
-     then an fp32 softmax over the E real experts → g (BLOCK_M, E_PAD), stored when asked;
-  2. y_blk = x_blk + s · g · V_blk, stored in x's dtype.
-  The second sweep re-reads the program's own rows (BLOCK_M·D elements, a few tens of KB) right after the
-  first, so it is served by L2: HBM sees x read once and y written once.
+Forward (input h = x, or residual + x rounded to x's dtype, never stored):
+  1. logits += h_blk · W_blkᵀ (tensor-core dot; E padded to E_PAD ≥ 16 with masked experts), fp32 softmax → g,
+     stored when asked;
+  2. y_blk = h_blk + s · g · V_blk, stored in x's dtype; the block's rows are re-read from L2 (the grid is sized
+     so that the resident programs' rows stay within L2_BYTES_PER_SM per SM).
 
-Backward, a persistent grid of P programs, each looping over row blocks:
-  1. u = dy · Vᵀ; dg = s·u (+ the gating's own gradient, when a loss uses it); dlogits = g ⊙ (dg − Σ_e g·dg);
-     db, ds accumulate in registers;
-  2. per D block: x = y − s·g·V (recomputed, x is never saved), dx = dy + dlogits · W (stored),
-     and the program's own fp32 partials dW_p += dlogitsᵀ · x, dV_p += s · gᵀ · dy (read-modify-write of a
-     private (E, D) slice that stays in L2).
-  The P partials are summed in a fixed order afterwards: gradients are bitwise deterministic for a given
-  device (no float atomics).
+Backward (x is never saved):
+  1. u = dy · Vᵀ; dg = s·u (+ the gating's own gradient, when a loss uses it); dlogits = g ⊙ (dg − Σ_e g·dg),
+     stored (N, E); ds accumulates in registers;
+  2. per D block: dx = dy + dlogits · W (stored), and the program's fp32 partials in its workspace row,
+     P_w += dlogitsᵀ · y and P_v += gᵀ · dy (read-modify-write of a private (E, D) slice that stays in L2). A
+     barrier after each row block orders its partial stores before the next block's loads in every thread.
+  :func:`reduce_workspace` sums the P rows in one fixed-order reduction and applies dW = Σ P_w − s·(dlogitsᵀ·g)·V
+  (x = y − s·g·V, so dlogitsᵀ·x needs no recomputed x: an E×E correction), db = Σ dlogits, dV = s·Σ P_v:
+  gradients are bitwise deterministic for a given device and grid (no float atomics).
 
-Cost per call (E experts, N rows, elem = bytes per element of x):
-  forward  ≈ 4·N·D·E FLOPs, minimum bytes 2·N·D·elem (+ N·E·4 for the gating);
-  backward ≈ 8·N·D·E FLOPs, minimum bytes 3·N·D·elem + N·E·4 (+ P·E·D·8 for the partials).
-At E=8, bf16 this is about 8 FLOP/byte: memory-bound on every current GPU.
+Cost per call (FLOPs, minimum bytes): benchmarks/roofline.py, the one cost model; the bytes these kernels move
+between SMs, L2 and HBM: its traffic model (benchmarks/traffic.py, design "pipelined").
 
 Products run on tensor cores with fp32 operands and accumulation: exact ("ieee") for fp32 x, tf32 for bf16 and
 fp16 x (their values are exact in tf32, so only W, V, g and dlogits are rounded, to 10 mantissa bits, finer
