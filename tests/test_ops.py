@@ -17,6 +17,7 @@ from torch import Tensor
 import steermoe.kernels
 import steermoe.ops
 import steermoe.reference
+import steermoe.testing
 from steermoe import available_backends, steer
 from steermoe.reference import steer_reference
 from steermoe.testing import (GRAD_NAMES, TOLERANCE, Case, assert_close, check_against_reference, differentiable,
@@ -112,7 +113,7 @@ def test_triton_fused_residual_matches_reference(case):
     h = residual + x
     expected_y, expected_gating = steer_reference(h.double(), w.double(), None if b is None else b.double(),
                                                   v.double(), scale.double())
-    scales = _error_scales([h, w, b, v, scale], expected_gating, torch.zeros_like(y), None)
+    scales = steermoe.testing._error_scales([h, w, b, v, scale], expected_gating, torch.zeros_like(y), None)
     assert y.dtype == x.dtype
     assert_close(y, expected_y, scales["y"].max().item(), case.dtype, "y")
     assert_close(gating, expected_gating, scales["gating"].max().item(), case.dtype, "gating")
