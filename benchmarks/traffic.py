@@ -104,7 +104,7 @@ _ONCE = lambda s, c: 1
 _PER_BLOCK = lambda s, c: c.row_blocks(s)
 _PER_PROGRAM = lambda s, c: c.programs
 
-# kernels/steer.py as of 2026-12-01: forward one program per row block (two sweeps over D), backward a persistent
+# kernels/steer.py before its pipelined redesign (2026-12-01): forward one program per row block (two sweeps over D), backward a persistent
 # grid (two sweeps per row block, private fp32 partials read-modify-written each step, summed by torch afterwards)
 CURRENT = {
     "forward": [
@@ -150,7 +150,44 @@ def current_launches(s: Shape, gpu: GPU) -> Dict[str, Launch]:
                 backward=Launch(bwd["BLOCK_M"], programs, programs))
 
 
-DESIGNS = {"current": (CURRENT, current_launches)}
+_WS_ROW = lambda s, c: _partials(s, c) + 16 * 4   # a program's workspace row: partials, ds, padding
+
+# kernels/steer.py's pipelined design: both kernels persistent and resident; every D loop's loads cp.async; the
+# forward loads b and s once per program; the backward drops V from sweep 2 (no recomputed x: dW from y and an
+# E×E correction), stores dlogits (N, E), and its partials, ds and the correction are reduced by torch afterwards
+PIPELINED = {
+    "forward": [t if not t.what.startswith("b and s") else
+                Term("b and s (each program)", "shared", lambda s, c: s.experts * s.param_elem + 4, _PER_PROGRAM)
+                for t in CURRENT["forward"]],
+    "backward": [
+        *CURRENT["backward"][:5],
+        Term("dlogits store", "stream", _gating, _ONCE),
+        *CURRENT["backward"][5:7],
+        Term("W, sweep 2 (each row block)", "shared", _param, _PER_BLOCK),
+        *CURRENT["backward"][8:11],
+        Term("ds store", "private", lambda s, c: 4, _PER_PROGRAM),
+        Term("final sums: read the P workspace rows", "stream", _WS_ROW, _PER_PROGRAM),
+        Term("final: dlogits and gating for db and the correction dlogitsᵀ·g", "stream",
+             lambda s, c: 2 * _gating(s, c), _ONCE),
+        Term("final: V for the correction, write dW, dV, db, ds", "stream",
+             lambda s, c: _param(s, c) + _partials(s, c) + (s.experts + 1) * 4, _ONCE),
+    ],
+}
+
+
+def pipelined_launches(s: Shape, gpu: GPU) -> Dict[str, Launch]:
+    """launch_config's grids: ``programs_per_sm`` per SM for both kernels, all resident."""
+    from steermoe.kernels.steer import launch_config
+    dtype = torch.float32 if s.elem == 4 else torch.bfloat16
+    out = {}
+    for kernel in ("forward", "backward"):
+        config = launch_config(kernel, s.dim, dtype, s.experts)
+        programs = min(-(-s.rows // config["BLOCK_M"]), config["programs_per_sm"] * gpu.sms)
+        out[kernel] = Launch(config["BLOCK_M"], programs, programs)
+    return out
+
+
+DESIGNS = {"current": (CURRENT, current_launches), "pipelined": (PIPELINED, pipelined_launches)}
 
 
 @dataclass

@@ -3,7 +3,7 @@
     python -m benchmarks.tune [--rows 24000] [--dim 1280] [--experts 8] [--dtype bf16] [--kernel forward backward]
                                [--budget-s S]
 
-Every candidate (BLOCK_M, BLOCK_D, num_warps, num_stages and, for the backward, programs per SM) runs through
+Every candidate (BLOCK_M, BLOCK_D, num_warps, num_stages and programs per SM of the persistent grids) runs through
 the real launcher; its outputs are checked against the shipped configuration's (the same math, so equal to
 rounding) and timed with the benchmarks' timer. One line per candidate, fastest first: median µs, achieved
 bandwidth (minimum bytes / time) and its share of the copy bandwidth measured in the same run. The fastest
@@ -32,8 +32,9 @@ from .timing import DEVICE, copy_bandwidth_gbps, median_ms
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = {"forward": "fwd", "backward": "bwd"}
 GRID = {  # candidate values; E, E_PAD and PRECISION always come from launch_config
-    "forward": dict(BLOCK_M=(32, 64, 128), BLOCK_D=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3)),
-    "backward": dict(BLOCK_M=(32, 64), BLOCK_D=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2),
+    "forward": dict(BLOCK_M=(32, 64), BLOCK_D=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4),
+                    programs_per_sm=(1, 2, 3)),
+    "backward": dict(BLOCK_M=(32, 64), BLOCK_D=(16, 32, 64), num_warps=(4, 8), num_stages=(2, 3, 4, 5),
                      programs_per_sm=(1, 2)),
 }
 

@@ -7,7 +7,8 @@ signature, the constexprs, the launch options and the specialisation Triton's JI
 (``tt.divisibility`` 16 for pointers at 16-byte-aligned addresses, as torch allocations are, and for integers that
 are multiples of 16; integers equal to 1 become constants). Each line holds the launch configuration, the
 specialised arguments, the dynamic shared memory (bytes), cuobjdump's resource usage (REG registers per thread;
-LOCAL or STACK above 0 means spills) and the resident programs per SM that registers, warps and shared memory
+LOCAL or STACK above 0 means spills), the synchronous (``ld.global``) and asynchronous (``cp.async``) global loads
+of each innermost loop (:mod:`.ptx`) and the resident programs per SM that registers, warps and shared memory
 allow on sm_80 and sm_90. ``--markdown`` prints the register/occupancy table of BENCHMARKS.md instead.
 Run it with TRITON_INTERPRET unset: under the interpreter the decorated kernels are not compilable objects.
 """
@@ -28,6 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime import JITFunction
 
+from . import ptx
 from . import steer as kernels
 
 X_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,8 +66,7 @@ def _recorded(calls: List[Launch]):
                 names = set(self.fn.arg_names)
                 bound = inspect.signature(self.fn.fn).bind(*args, **{k: v for k, v in kwargs.items() if k in names})
                 bound.apply_defaults()
-                options = {k: v for k, v in kwargs.items() if k not in names}
-                calls.append(Launch(self.fn, dict(bound.arguments), options))
+                calls.append(Launch(self.fn, dict(bound.arguments), {k: v for k, v in kwargs.items() if k not in names}))
             return record
 
     try:
@@ -137,7 +138,8 @@ def ast_source(fn: JITFunction, spec: Specialisation) -> ASTSource:
     index = fn.arg_names.index
     constants = {**spec.constexprs, **{name: 1 for name in spec.ones}}
     if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
-        signature = {name: "constexpr" if name in constants else spec.signature[name] for name in fn.arg_names}
+        signature = {name: "constexpr" if name in constants else spec.signature.get(name, "constexpr")
+                     for name in fn.arg_names}
         attrs = {(index(name),): [["tt.divisibility", DIVISIBILITY]] for name in spec.divisible}
         return ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     try:
@@ -184,13 +186,17 @@ def compile_launch(launch: Launch, arch: int, specialise: bool = True):
 
 
 def usage(compiled, num_warps: int) -> dict:
-    """PTX size, dynamic shared memory, the arguments its TTIR marks ``tt.divisibility = 16``, cuobjdump's
-    resource usage and programs per SM of a compiled kernel."""
+    """PTX size, dynamic shared memory, the arguments its TTIR marks ``tt.divisibility = 16``, the global loads,
+    stores and barriers of each innermost loop (:mod:`.ptx`), cuobjdump's resource usage and programs per SM of a
+    compiled kernel."""
     res = resource_usage(compiled.asm["cubin"])
     occupancy = {f"programs_per_sm_{a}": programs_per_sm(res["REG"], num_warps, compiled.metadata.shared, a)
                  for a in SM_SHARED}
+    loops = [{k: v for k, v in vars(loop).items() if k not in ("label", "first", "last")}
+             for loop in ptx.innermost(compiled.asm["ptx"])]
     return dict(ptx_bytes=len(compiled.asm["ptx"]), dynamic_shared=compiled.metadata.shared,
-                divisibility_attrs=compiled.asm["ttir"].count("tt.divisibility = 16"), **res, **occupancy)
+                divisibility_attrs=compiled.asm["ttir"].count("tt.divisibility = 16"), loops=loops, **res,
+                **occupancy)
 
 
 def compile_config(kernel: str, x_dtype: torch.dtype, config: dict, arch: int, dim: int = 1280, rows: int = ROWS,
@@ -210,7 +216,7 @@ def compile_kernel(kernel: str, x_dtype: torch.dtype, param_dtype: str, num_expe
         shown = {k: (v if isinstance(v, (int, str)) else str(v)) for k, v in spec.constexprs.items()}
         yield dict(kernel=kernel, fn=launch.fn.__name__, dtype=str(x_dtype).replace("torch.", ""),
                    params=str(p_dtype).replace("torch.", ""), experts=num_experts, arch=arch, dim=dim, rows=rows,
-                   config=shown, **launch.options, signature=spec.signature, divisible=spec.divisible, ones=spec.ones,
+                   config=shown, **launch.options, divisible=spec.divisible, ones=spec.ones,
                    **usage(compile_launch(launch, arch), launch.options["num_warps"]))
 
 
