@@ -38,9 +38,19 @@ INTERPRETER_PROGRAMS = 3  # persistent backward grid under TRITON_INTERPRET (CPU
 
 
 @triton.jit
-def _steer_fwd_kernel(X, W, B, V, S, Y, G, N, D,
+def _load_rows(X, R, offsets, mask, HAS_RESIDUAL: tl.constexpr):
+    """The op's input rows h: x, or residual + x rounded to x's dtype (as the unfused add in that dtype)."""
+    x = tl.load(X + offsets, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = (tl.load(R + offsets, mask=mask, other=0.0).to(tl.float32) + x.to(tl.float32)).to(X.dtype.element_ty)
+    return x
+
+
+@triton.jit
+def _steer_fwd_kernel(X, R, W, B, V, S, Y, G, N, D,
                       E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, STORE_GATING: tl.constexpr, PRECISION: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_GATING: tl.constexpr,
+                      PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -52,7 +62,7 @@ def _steer_fwd_kernel(X, W, B, V, S, Y, G, N, D,
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        x = tl.load(X + row_off + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        x = _load_rows(X, R, row_off + cols[None, :], row_ok[:, None] & col_ok[None, :], HAS_RESIDUAL)
         w_t = tl.load(W + experts[None, :] * D + cols[:, None], mask=col_ok[:, None] & expert_ok[None, :],
                       other=0.0)
         logits += tl.dot(x.to(tl.float32), w_t.to(tl.float32), input_precision=PRECISION)
@@ -70,7 +80,7 @@ def _steer_fwd_kernel(X, W, B, V, S, Y, G, N, D,
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(X + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = _load_rows(X, R, row_off + cols[None, :], mask, HAS_RESIDUAL).to(tl.float32)
         v = tl.load(V + experts[:, None] * D + cols[None, :], mask=expert_ok[:, None] & col_ok[None, :],
                     other=0.0).to(tl.float32)
         y = x + s * tl.dot(g.to(tl.float32), v.to(tl.float32), input_precision=PRECISION)
@@ -204,9 +214,12 @@ def _num_programs(t: Tensor, num_blocks: int, per_sm: int) -> int:
 
 
 def steer_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Tensor, scale: Tensor,
-                  save_gating: bool, config: Optional[dict] = None) -> Tuple[Tensor, Tensor]:
+                  save_gating: bool, config: Optional[dict] = None,
+                  residual: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """x (N, D) contiguous → y (N, D) in x.dtype, gating (N, E) fp32 ((0, E) unless ``save_gating``).
-    ``config`` replaces :func:`launch_config`'s."""
+
+    With ``residual`` (like x: shape, dtype, contiguous) the op's input is h = residual + x, rounded to x's dtype
+    as the unfused add would be, and never written to memory. ``config`` replaces :func:`launch_config`'s."""
     n, d = x.shape
     e = weight.shape[0]
     y = torch.empty_like(x)
@@ -216,8 +229,9 @@ def steer_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Te
     meta, options = split_config("forward", config or launch_config("forward", d, x.dtype, e))
     with _device_guard(x):
         _steer_fwd_kernel[(triton.cdiv(n, meta["BLOCK_M"]),)](
-            x, weight, bias if bias is not None else weight, vectors, scale, y, gating, n, d,
-            HAS_BIAS=bias is not None, STORE_GATING=save_gating, **meta, **options)
+            x, x if residual is None else residual, weight, bias if bias is not None else weight, vectors, scale,
+            y, gating, n, d, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+            STORE_GATING=save_gating, **meta, **options)
     return y, gating
 
 

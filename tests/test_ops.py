@@ -96,6 +96,31 @@ def test_launch_configurations_match_reference(monkeypatch, override, dtype):
                             gating_grad=True)
 
 
+RESIDUAL_CASES = [Case(shape=(37, 33), experts=1, dtype=torch.float32), Case(shape=(70, 100), experts=20),
+                  Case(shape=(45, 70), experts=64, dtype=torch.bfloat16, params="x"),
+                  Case(shape=(53, 161), experts=5, dtype=torch.float16, bias=False)]
+
+
+@pytest.mark.parametrize("case", RESIDUAL_CASES, ids=str)
+def test_triton_fused_residual_matches_reference(case):
+    """The forward launcher's residual input: y and gating of h = residual + x (rounded to x's dtype as the unfused
+    add), against the float64 oracle; rows and D tails, several programs."""
+    x, w, b, v, s = (a.detach() if isinstance(a, Tensor) else a for a in make_inputs(case, KERNEL_DEVICE))
+    residual = torch.randn_like(x) * 4
+    scale = torch.as_tensor(s, dtype=torch.float32, device=x.device).reshape(1)
+    y, gating = steermoe.kernels.steer_forward(x, w, b, v, scale, True, residual=residual)
+    h = residual + x
+    expected_y, expected_gating = steer_reference(h.double(), w.double(), None if b is None else b.double(),
+                                                  v.double(), scale.double())
+    scales = _error_scales([h, w, b, v, scale], expected_gating, torch.zeros_like(y), None)
+    assert y.dtype == x.dtype
+    assert_close(y, expected_y, scales["y"].max().item(), case.dtype, "y")
+    assert_close(gating, expected_gating, scales["gating"].max().item(), case.dtype, "gating")
+    unfused_y, unfused_gating = steermoe.kernels.steer_forward(h, w, b, v, scale, True)
+    if case.dtype != torch.bfloat16 or HAS_CUDA:  # the interpreter truncates fp32 -> bf16 instead of rounding
+        assert torch.equal(y, unfused_y) and torch.equal(gating, unfused_gating)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
 def test_gradient_through_gating(backend, dtype):
     """A loss on the returned gating (e.g. load balancing) reaches x, W and b."""
