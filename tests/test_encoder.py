@@ -1,5 +1,6 @@
 """SteeredWhisperEncoder against transformers' own encoder and an independent float64 re-implementation."""
 import copy
+import functools
 import math
 import os
 
@@ -408,6 +409,7 @@ def layer_calls(monkeypatch):
     calls = {"forward": 0, "halves": 0}
 
     def counted(key, fn):
+        @functools.wraps(fn)  # keeps the signature the encoder inspects
         def wrapper(*args, **kwargs):
             calls[key] += 1
             return fn(*args, **kwargs)
