@@ -242,17 +242,17 @@ def _check_emulated(ops, shape, experts, dtype, params, misaligned, gating_loss,
     x, w, b, v, s = (a.detach() for a in args)
     if misaligned:  # with a residual, the residual alone: x's alignment no longer hides it
         x, dy = (x, dy) if residual else (_misaligned(x), _misaligned(dy))
+    inputs = (x,)
     if residual:
         r = torch.randn(shape, dtype=dtype)
-        r = _misaligned(r) if misaligned else r
-        branch, x = x, r + x
+        inputs = (x, _misaligned(r) if misaligned else r)
+        x = r + x
         args[0] = x.clone().requires_grad_()
-        y, gating = ops.cuda_forward(branch, w, b, v, s, True, r)
+    y, gating = ops.cuda_forward(inputs[0], w, b, v, s, True, *inputs[1:])
+    if residual:
         unfused = ops.cuda_forward(_misaligned(x) if misaligned else x, w, b, v, s, True)  # the same code path
         assert torch.equal(y, unfused[0]) and torch.equal(gating, unfused[1])
-    else:
-        y, gating = ops.cuda_forward(x, w, b, v, s, True)
-    y_alone, no_gating = ops.cuda_forward(x, w, b, v, s, False)
+    y_alone, no_gating = ops.cuda_forward(inputs[0], w, b, v, s, False, *inputs[1:])
     assert torch.equal(y_alone, y) and no_gating.shape == (0, experts)
     grads = ops.cuda_backward(dy, y, gating, w, v, s, dgating)
     results = dict(zip(("y", "gating", *GRAD_NAMES), (y, gating, *grads)))
