@@ -409,9 +409,9 @@ def _record_backend_calls(monkeypatch) -> list:
     calls = []
     for name, module in (("torch", steermoe.reference), ("triton", steermoe.kernels)):
 
-        def forward(*args, _name=name, _orig=module.steer_forward):
+        def forward(*args, _name=name, _orig=module.steer_forward, **kwargs):
             calls.append(_name)
-            return _orig(*args)
+            return _orig(*args, **kwargs)
         monkeypatch.setattr(module, "steer_forward", forward)
     return calls
 
