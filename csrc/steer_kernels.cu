@@ -1,7 +1,8 @@
 /*
  * CUDA fallback of the fused steering op  y = x + s · softmax(x Wᵀ + b) V  and of its backward; the forward
  * optionally takes a residual r and steers x ← r + x (rounded to x's dtype, as a separate add would), read from
- * both inputs as it streams them: the sum is never stored (the backward, which recomputes x from y, is the same).
+ * both inputs as it streams them: the sum is never stored (3·N·D·elem in all, 2·N·D·elem fewer than a separate add
+ * writing the sum and the step reading it back; the backward, which recomputes x from y, is the same).
  *
  * Shapes: x, y, dy, dx (N, D) rows of T ∈ {fp32, bf16, fp16}; W, V (E, D) and b (E,) in fp32 (converted at
  * the op boundary); s (1,) fp32 read on the device (no host sync); gating g (N, E) fp32. All arithmetic and
