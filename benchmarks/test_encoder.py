@@ -1,6 +1,7 @@
 """Encoder level: forward+backward of a frozen Whisper encoder, unsteered vs steered (the overhead of steering
-every layer), and steered on variable-length input vs 30 s padding (:mod:`benchmarks.models` for the shapes);
-and encoding (forward, no gradients) one 5 s clip with and without 30 s padding.
+every layer, with each layer's last residual add fused into the steering op, and unfused: the layer's own forward,
+then the op), and steered on variable-length input vs 30 s padding (:mod:`benchmarks.models` for the shapes); and
+encoding (forward, no gradients) one 5 s clip with and without 30 s padding.
 
 Gradients are taken for the input features (so the unsteered encoder runs the same backward through every layer)
 and, when steered, for the steering parameters.
@@ -16,7 +17,7 @@ from benchmarks.timing import measure
 
 pytest.importorskip("steermoe.encoder", reason="steermoe.encoder (SteeredWhisperEncoder) is not available")
 
-VARIANTS = ("unsteered, 30 s", "steered, 30 s", "steered, variable")
+VARIANTS = ("unsteered, 30 s", "steered, 30 s", "steered unfused, 30 s", "steered, variable")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,11 @@ def test_encoder_step(benchmark, results, steered, variant):
         return torch.autograd.grad(model(features, **kwargs).last_hidden_state, params, grad_out)
 
     benchmark.group = f"encoder {SETUP.name}"
-    ms = measure(benchmark, step, rounds=1, min_reps=3, budget_s=0.3)
+    steered.fuse_residual = "unfused" not in variant
+    try:
+        ms = measure(benchmark, step, rounds=1, min_reps=3, budget_s=0.3)
+    finally:
+        steered.fuse_residual = True
     results.add("encoder", dict(config=SETUP.name, variant=variant, batch=batch, mel_frames=mel_frames,
                                 dtype=DTYPE_NAMES[SETUP.dtype], ms=ms), benchmark)
 

@@ -7,9 +7,11 @@
 namespace steermoe {
 
 // x, y (N, D) in fp32/bf16/fp16, N > 0; w, v (E, D) fp32 with 1 <= E <= 64; bias (E,) fp32 or undefined;
-// scale (1,) fp32; gating (N, E) fp32, or undefined to skip storing it.
+// scale (1,) fp32; gating (N, E) fp32, or undefined to skip storing it; residual (N, D) in x's dtype, or undefined:
+// when given, the input of the step is h = residual + x rounded to x's dtype (computed in registers, never stored).
 void launch_steer_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& v,
-                          const at::Tensor& scale, const at::Tensor& y, const at::Tensor& gating);
+                          const at::Tensor& scale, const at::Tensor& y, const at::Tensor& gating,
+                          const at::Tensor& residual);
 
 // dy, y, dx (N, D) in y's dtype, N > 0; gating (N, E) fp32 and its upstream gradient grad_gating (N, E) fp32 or
 // undefined; w, v (E, D) fp32; scale (1,) fp32. Writes dx and the fp32 weight gradients dw, dv (E, D), db (E,),

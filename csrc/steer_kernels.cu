@@ -1,5 +1,8 @@
 /*
- * CUDA fallback of the fused steering op  y = x + s · softmax(x Wᵀ + b) V  and of its backward.
+ * CUDA fallback of the fused steering op  y = x + s · softmax(x Wᵀ + b) V  and of its backward; the forward
+ * optionally takes a residual r and steers x ← r + x (rounded to x's dtype, as a separate add would), read from
+ * both inputs as it streams them: the sum is never stored (3·N·D·elem in all, 2·N·D·elem fewer than a separate add
+ * writing the sum and the step reading it back; the backward, which recomputes x from y, is the same).
  *
  * Shapes: x, y, dy, dx (N, D) rows of T ∈ {fp32, bf16, fp16}; W, V (E, D) and b (E,) in fp32 (converted at
  * the op boundary); s (1,) fp32 read on the device (no host sync); gating g (N, E) fp32. All arithmetic and
@@ -103,6 +106,22 @@ __device__ __forceinline__ void load(const T* p, float (&out)[N], T* copy = null
 }
 
 template <int N, typename T>
+__device__ __forceinline__ void store(T* p, const float (&in)[N]);
+
+// load<N>(p), plus the N elements at q when q is not null: their sum rounded to T (what the add r + x in T
+// gives), a raw copy of which is kept at `copy` when that is not null.
+template <int N, typename T>
+__device__ __forceinline__ void load_sum(const T* p, const T* q, float (&out)[N], T* copy = nullptr) {
+  if (q == nullptr) return load<N>(p, out, copy);
+  float addend[N];
+  load<N>(q, addend);
+  load<N>(p, out);
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = to_float(from_float<T>(addend[k] + out[k]));
+  if (copy != nullptr) store<N>(copy, out);
+}
+
+template <int N, typename T>
 __device__ __forceinline__ void store(T* p, const float (&in)[N]) {
   constexpr int C = chunk_elems<T, N>();
 #pragma unroll
@@ -145,17 +164,19 @@ __device__ __forceinline__ void warp_allreduce(float (&a)[R][E_MAX], int e) {
 }
 
 // acc[r][j] += Σ_k a[r·d + col + k] · m[j·d + col + k] for the warp's rows r < rows, experts j < e and N
-// columns from col: the partial logits x·Wᵀ (keeping a raw copy of x at `kept`) or u = dy·Vᵀ (prefetching the
-// rows of y at `next` into L2, one 16-byte vector in 8, i.e. once per 128-byte line).
+// columns from col, with a ← a + addend (load_sum) when addend is not null: the partial logits x·Wᵀ (keeping a raw
+// copy of x at `kept`) or u = dy·Vᵀ (prefetching the rows of y at `next` into L2, one 16-byte vector in 8, i.e.
+// once per 128-byte line).
 template <int N, int R, int E_MAX, typename T>
-__device__ __forceinline__ void dot_step(const T* __restrict__ a, const float* __restrict__ m, int d, int e, int rows,
-                                         int col, float (&acc)[R][E_MAX], T* kept, const T* next) {
+__device__ __forceinline__ void dot_step(const T* __restrict__ a, const T* __restrict__ addend,
+                                         const float* __restrict__ m, int d, int e, int rows, int col,
+                                         float (&acc)[R][E_MAX], T* kept, const T* next) {
   float av[R][N];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int64_t off = static_cast<int64_t>(r) * d + col;
     if (r < rows) {
-      load<N>(a + off, av[r], kept != nullptr ? kept + off : nullptr);
+      load_sum<N>(a + off, addend != nullptr ? addend + off : nullptr, av[r], kept != nullptr ? kept + off : nullptr);
       if (next != nullptr && N * sizeof(T) == 16 && (col / N) % 8 == 0) prefetch_l2(next + off);
     } else {
       fill(av[r], 0.f);
@@ -183,10 +204,12 @@ struct FwdShape {
   static constexpr int MIN_BLOCKS = E_MAX <= 16 ? 4 : 0;  // __launch_bounds__ hint (0: none); ptxas spills nothing
 };
 
-// y = x + s·(g V) for the warp's rows over N columns starting at col. `xr` is generic: shared or global.
+// y = x + s·(g V) for the warp's rows over N columns starting at col, x = xr (+ rr, when not null). `xr` is
+// generic: shared or global.
 template <int N, int R, int E_MAX, typename T>
-__device__ __forceinline__ void fwd_output_step(const T* xr, T* __restrict__ yr, const float* __restrict__ v, int d,
-                                                int e, int rows, int col, const float (&g)[R][E_MAX], float s) {
+__device__ __forceinline__ void fwd_output_step(const T* xr, const T* rr, T* __restrict__ yr,
+                                                const float* __restrict__ v, int d, int e, int rows, int col,
+                                                const float (&g)[R][E_MAX], float s) {
   float mix[R][N];
 #pragma unroll
   for (int r = 0; r < R; ++r) fill(mix[r], 0.f);
@@ -207,7 +230,7 @@ __device__ __forceinline__ void fwd_output_step(const T* xr, T* __restrict__ yr,
     if (r < rows) {
       const int64_t off = static_cast<int64_t>(r) * d + col;
       float out[N];
-      load<N>(xr + off, out);
+      load_sum<N>(xr + off, rr != nullptr ? rr + off : nullptr, out);
 #pragma unroll
       for (int k = 0; k < N; ++k) out[k] = fmaf(s, mix[r][k], out[k]);
       store<N>(yr + off, out);
@@ -242,7 +265,8 @@ __device__ __forceinline__ void softmax_rows(float (&a)[R][E_MAX], const float* 
 
 template <typename T, int E_MAX>
 __global__ void __launch_bounds__(kFwdWarps * kWarp, FwdShape<T, E_MAX>::MIN_BLOCKS)
-    steer_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+    steer_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual, const float* __restrict__ w,
+                     const float* __restrict__ bias,
                      const float* __restrict__ v, const float* __restrict__ scale, T* __restrict__ y,
                      float* __restrict__ gating, int64_t n, int d, int e, bool vectorized, bool stash) {
   constexpr int R = FwdShape<T, E_MAX>::R;
@@ -254,6 +278,7 @@ __global__ void __launch_bounds__(kFwdWarps * kWarp, FwdShape<T, E_MAX>::MIN_BLO
   if (row0 >= n) return;  // whole warps only; the forward has no block-wide barrier
   const int rows = static_cast<int>(min(static_cast<int64_t>(R), n - row0));
   const T* xr = x + row0 * d;
+  const T* rr = residual != nullptr ? residual + row0 * d : nullptr;
   T* kept = stash ? reinterpret_cast<T*>(smem) + static_cast<int64_t>(warp) * R * d : nullptr;
   const int nvec = vectorized ? d / VEC : 0;
 
@@ -261,8 +286,10 @@ __global__ void __launch_bounds__(kFwdWarps * kWarp, FwdShape<T, E_MAX>::MIN_BLO
 #pragma unroll
   for (int r = 0; r < R; ++r) fill(acc[r], 0.f);
   const T* no_prefetch = nullptr;
-  for (int c = lane; c < nvec; c += kWarp) dot_step<VEC>(xr, w, d, e, rows, c * VEC, acc, kept, no_prefetch);
-  for (int col = nvec * VEC + lane; col < d; col += kWarp) dot_step<1>(xr, w, d, e, rows, col, acc, kept, no_prefetch);
+  for (int c = lane; c < nvec; c += kWarp) dot_step<VEC>(xr, rr, w, d, e, rows, c * VEC, acc, kept, no_prefetch);
+  for (int col = nvec * VEC + lane; col < d; col += kWarp) {
+    dot_step<1>(xr, rr, w, d, e, rows, col, acc, kept, no_prefetch);
+  }
   warp_allreduce(acc, e);
   softmax_rows(acc, bias, e);
 
@@ -277,10 +304,15 @@ __global__ void __launch_bounds__(kFwdWarps * kWarp, FwdShape<T, E_MAX>::MIN_BLO
   }
 
   const float s = *scale;
-  const T* src = stash ? kept : xr;  // each lane re-reads exactly the elements it kept
+  const T* src = stash ? kept : xr;  // each lane re-reads exactly the elements it kept (with the residual added)
+  const T* src_residual = stash ? nullptr : rr;
   T* yr = y + row0 * d;
-  for (int c = lane; c < nvec; c += kWarp) fwd_output_step<VEC>(src, yr, v, d, e, rows, c * VEC, acc, s);
-  for (int col = nvec * VEC + lane; col < d; col += kWarp) fwd_output_step<1>(src, yr, v, d, e, rows, col, acc, s);
+  for (int c = lane; c < nvec; c += kWarp) {
+    fwd_output_step<VEC>(src, src_residual, yr, v, d, e, rows, c * VEC, acc, s);
+  }
+  for (int col = nvec * VEC + lane; col < d; col += kWarp) {
+    fwd_output_step<1>(src, src_residual, yr, v, d, e, rows, col, acc, s);
+  }
 }
 
 // ------------------------------------------------------------------------------------------ backward
@@ -497,8 +529,13 @@ __global__ void __launch_bounds__(kBwdMaxWarps * kWarp, BwdShape<E_MAX>::MIN_BLO
 #pragma unroll
       for (int r = 0; r < S::RB; ++r) fill(u[r], 0.f);
       T* no_copy = nullptr;
-      for (int c = lane; c < nvec1; c += kWarp) dot_step<VEC>(dyr, a.v, d, e, rows, c * VEC, u, no_copy, yr);
-      for (int col = nvec1 * VEC + lane; col < d; col += kWarp) dot_step<1>(dyr, a.v, d, e, rows, col, u, no_copy, yr);
+      const T* no_addend = nullptr;
+      for (int c = lane; c < nvec1; c += kWarp) {
+        dot_step<VEC>(dyr, no_addend, a.v, d, e, rows, c * VEC, u, no_copy, yr);
+      }
+      for (int col = nvec1 * VEC + lane; col < d; col += kWarp) {
+        dot_step<1>(dyr, no_addend, a.v, d, e, rows, col, u, no_copy, yr);
+      }
       warp_allreduce(u, e);
 #pragma unroll
       for (int r = 0; r < S::RB; ++r) {
@@ -620,7 +657,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
 
 void launch_steer_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& v,
-                          const at::Tensor& scale, const at::Tensor& y, const at::Tensor& gating) {
+                          const at::Tensor& scale, const at::Tensor& y, const at::Tensor& gating,
+                          const at::Tensor& residual) {
   const int64_t n = x.size(0);
   const int d = static_cast<int>(x.size(1));
   const int e = static_cast<int>(w.size(0));
@@ -628,7 +666,8 @@ void launch_steer_forward(const at::Tensor& x, const at::Tensor& w, const at::Te
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int VEC = 16 / sizeof(T);
-    const bool vectorized = d % VEC == 0 && aligned16(x) && aligned16(y) && aligned16(w) && aligned16(v);
+    const bool vectorized = d % VEC == 0 && aligned16(x) && aligned16(y) && aligned16(w) && aligned16(v) &&
+                            (!residual.defined() || aligned16(residual));
     dispatch_experts(e, [&](auto experts) {
       constexpr int E_MAX = decltype(experts)::value;
       constexpr int R = FwdShape<T, E_MAX>::R;
@@ -636,7 +675,7 @@ void launch_steer_forward(const at::Tensor& x, const at::Tensor& w, const at::Te
       const bool stash = stash_bytes <= kStashLimit;
       const int64_t blocks = ceil_div(n, kFwdWarps * R);
       steer_fwd_kernel<T, E_MAX><<<static_cast<unsigned>(blocks), kFwdWarps * kWarp, stash ? stash_bytes : 0, stream>>>(
-          ptr<const T>(x), ptr<const float>(w), ptr<const float>(bias), ptr<const float>(v),
+          ptr<const T>(x), ptr<const T>(residual), ptr<const float>(w), ptr<const float>(bias), ptr<const float>(v),
           ptr<const float>(scale), ptr<T>(y), ptr<float>(gating), n, d, e, vectorized, stash);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

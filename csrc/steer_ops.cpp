@@ -1,14 +1,15 @@
 // torch.ops.steermoe.cuda_forward / cuda_backward: schemas, argument checks, and the tensors the kernels in
 // steer_kernels.cu expect (contiguous rows, fp32 parameters, outputs allocated on x's device).
 //
-//   cuda_forward(x (N, D), weight (E, D), bias (E,)?, vectors (E, D), scale (1,), save_gating)
+//   cuda_forward(x (N, D), weight (E, D), bias (E,)?, vectors (E, D), scale (1,), save_gating, residual (N, D)?)
 //       -> y (N, D) in x's dtype, gating (N, E) fp32, or (0, E) when save_gating is false
+//      (residual: x's shape and dtype; the op then steers h = residual + x, rounded to x's dtype, never stored)
 //   cuda_backward(grad_y (N, D), y (N, D), gating (N, E), weight, vectors, scale, grad_gating (N, E)?)
 //       -> dx (N, D) in y's dtype, dW (E, D), db (E,), dV (E, D), ds (1,) in fp32
 //      (grad_gating: the upstream gradient of the returned gating, when a loss uses it)
 //
 // x is fp32, bf16 or fp16; the parameters fp32 or x's dtype; 1 <= E <= 64. The backward recomputes
-// x = y − s·(g V), so only y and the gating are kept from the forward.
+// x (or h) = y − s·(g V), so only y and the gating are kept from the forward.
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -63,12 +64,20 @@ at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& vectors,
-                                                const at::Tensor& scale, bool save_gating) {
+                                                const at::Tensor& scale, bool save_gating,
+                                                const std::optional<at::Tensor>& residual) {
   constexpr const char* op = "steermoe.cuda_forward";
   check_rows(op, "x", x);
   const int64_t e = check_params(op, x, weight, vectors, scale);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) check_param(op, "bias", *bias, x, {e});
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                    residual->device() == x.device(),
+                op, ": residual must match x: ", x.scalar_type(), " ", x.sizes(), " on ", x.device(), ", got ",
+                residual->scalar_type(), " ", residual->sizes(), " on ", residual->device());
+  }
   const c10::cuda::CUDAGuard guard(x.device());
 
   const at::Tensor rows = x.contiguous();
@@ -77,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, const at::T
   const at::Tensor gating = at::empty({save_gating ? n : 0, e}, rows.options().dtype(at::kFloat));
   if (n > 0) {
     launch_steer_forward(rows, as_f32(weight), has_bias ? as_f32(*bias) : at::Tensor(), as_f32(vectors),
-                         as_f32(scale).reshape({1}), y, save_gating ? gating : at::Tensor());
+                         as_f32(scale).reshape({1}), y, save_gating ? gating : at::Tensor(),
+                         has_residual ? residual->contiguous() : at::Tensor());
   }
   return {y, gating};
 }
@@ -126,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_back
 // coexists with those in either import order, as TORCH_LIBRARY would, and also with any other library that
 // defines the namespace, where a second TORCH_LIBRARY would abort the process while loading.
 TORCH_LIBRARY_FRAGMENT(steermoe, m) {
-  m.def("cuda_forward(Tensor x, Tensor weight, Tensor? bias, Tensor vectors, Tensor scale, bool save_gating)"
-        " -> (Tensor y, Tensor gating)");
+  m.def("cuda_forward(Tensor x, Tensor weight, Tensor? bias, Tensor vectors, Tensor scale, bool save_gating,"
+        " Tensor? residual=None) -> (Tensor y, Tensor gating)");
   m.def("cuda_backward(Tensor grad_y, Tensor y, Tensor gating, Tensor weight, Tensor vectors, Tensor scale,"
         " Tensor? grad_gating=None) -> (Tensor dx, Tensor dW, Tensor db, Tensor dV, Tensor ds)");
 }

@@ -18,8 +18,8 @@ except (ImportError, OSError) as err:
 
 
 def steer_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Tensor, scale: Tensor,
-                  save_gating: bool) -> Tuple[Tensor, Tensor]:
-    return torch.ops.steermoe.cuda_forward(x, weight, bias, vectors, scale, save_gating)
+                  save_gating: bool, residual: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    return torch.ops.steermoe.cuda_forward(x, weight, bias, vectors, scale, save_gating, residual)
 
 
 def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, vectors: Tensor, scale: Tensor,

@@ -5,6 +5,8 @@ Per steered layer l (row r of the parameter tensors), with h the layer's output 
     h ← h + layer_scales[r] · softmax(h router_weight[r]ᵀ + router_bias[r]) steering_vectors[r]
 
 computed by :func:`steermoe.steer`. Only the four steering tensors train; the Whisper weights are frozen.
+Where the layer is transformers' own ``WhisperEncoderLayer`` the step also takes the layer's last residual add
+(``h = residual + fc2(...)``, see :func:`_layer_halves`), so h itself is never written to memory.
 """
 import inspect
 import json
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import WhisperConfig
 from transformers.modeling_outputs import BaseModelOutput
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperEncoderLayer
 
 from .fileio import atomic_write, atomic_write_json
 from .ops import steer
@@ -69,6 +71,12 @@ class SteeredWhisperEncoder(nn.Module):
         layers: encoder layer indices to steer (default: all), e.g. ``range(16, 32)``.
 
     The steering tensors are float32 whatever the encoder's dtype or torch's default dtype.
+
+    ``fuse_residual`` (attribute, default True): a steered layer that is transformers' own ``WhisperEncoderLayer``,
+    with no hook or instance override, in eval mode and not float16, runs its two halves here and hands the last
+    residual add to the steering op (``steer(fc2_out, ..., residual=h_attn)``): the same output, one (B, T, D)
+    tensor fewer written and read per steered layer. Otherwise, and with ``output_attentions``, the layer's own
+    forward runs and the step follows it. float16 is left to the layer for its overflow clamp after that add.
     """
 
     main_input_name = "input_features"
@@ -91,6 +99,7 @@ class SteeredWhisperEncoder(nn.Module):
         self.steered_layers: List[int] = steered
         self.hidden_size = encoder.config.d_model
         self.gradient_checkpointing = False
+        self.fuse_residual = True
         self._row_of_layer: Dict[int, int] = {layer: row for row, layer in enumerate(steered)}
         self._layer_takes_head_mask = "layer_head_mask" in inspect.signature(encoder.layers[0].forward).parameters
 
@@ -256,19 +265,20 @@ class SteeredWhisperEncoder(nn.Module):
         for idx, layer in enumerate(encoder.layers):
             if output_hidden_states:
                 all_states += (h,)
-            call = (layer, h, layer_mask, self._layer_takes_head_mask, bool(output_attentions))
-            if self.gradient_checkpointing and torch.is_grad_enabled() and h.requires_grad:
-                h, weights = checkpoint(_call_layer, *call, use_reentrant=False)
-            else:
-                h, weights = _call_layer(*call)
-            if weights is not None:
-                attentions.append(weights)
             row = self._row_of_layer.get(idx)
+            residual = None
+            if row is not None and self.fuse_residual and not output_attentions and _fusable(layer, h):
+                residual, h = self._checkpointed(_layer_halves, layer, h, layer_mask)
+            else:
+                h, weights = self._checkpointed(_call_layer, layer, h, layer_mask, self._layer_takes_head_mask,
+                                                bool(output_attentions))
+                if weights is not None:
+                    attentions.append(weights)
             if row is not None:
                 if return_router_logits:
                     router_logits.append(h.float() @ self.router_weight[row].t() + self.router_bias[row])
                 out = steer(h, self.router_weight[row], self.router_bias[row], self.steering_vectors[row],
-                            self.layer_scales[row], return_gating=return_gating)
+                            self.layer_scales[row], residual=residual, return_gating=return_gating)
                 if return_gating:
                     h, g = out
                     gating.append(g)
@@ -289,6 +299,12 @@ class SteeredWhisperEncoder(nn.Module):
                                       attention_mask=returned_mask,
                                       router_logits=tuple(router_logits) if return_router_logits else None)
         return output if return_dict else output.to_tuple()
+
+    def _checkpointed(self, fn, layer: nn.Module, h: Tensor, *args):
+        """fn(layer, h, *args), recomputed in backward instead of keeping its activations when checkpointing."""
+        if self.gradient_checkpointing and torch.is_grad_enabled() and h.requires_grad:
+            return checkpoint(fn, layer, h, *args, use_reentrant=False)
+        return fn(layer, h, *args)
 
     def _check_features(self, input_features: Tensor) -> Tensor:
         n_mels = self.config.num_mel_bins
@@ -379,6 +395,26 @@ def _call_layer(layer: nn.Module, h: Tensor, mask: Optional[Tensor], takes_head_
         return layer(h, mask), seen[0]
     finally:
         hook.remove()
+
+
+def _fusable(layer: nn.Module, h: Tensor) -> bool:
+    """Whether ``_layer_halves`` computes what ``layer(h, mask)`` would, with its last residual add left out: the
+    layer is transformers' own class with nothing hooked in or overridden, dropout is off (eval), and h is not
+    float16 (the layer clamps its float16 output after that add: only when it overflowed in transformers 4,
+    always in 5)."""
+    return (type(layer) is WhisperEncoderLayer and "forward" not in vars(layer) and not layer.training
+            and h.dtype != torch.float16
+            and not (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                     or layer._backward_pre_hooks))
+
+
+def _layer_halves(layer: WhisperEncoderLayer, h: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``WhisperEncoderLayer.forward`` in eval mode (transformers 4.45 … 5.x) up to its last residual add:
+    (residual, branch), the layer's output being ``residual + branch``. The attention's first output is its result
+    in both versions (4.x also returns the weights and a cache, 5.x the weights)."""
+    attended = layer.self_attn(hidden_states=layer.self_attn_layer_norm(h), attention_mask=mask)[0]
+    residual = h + attended
+    return residual, layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(residual))))
 
 
 def _positive_int(value, name: str) -> int:

@@ -4,15 +4,17 @@ One contract, three implementations (``torch``: :mod:`steermoe.reference`, ``tri
 ``cuda``: :mod:`steermoe._cuda`); this module is the only place that knows there are three. Each
 implementation provides
 
-    forward(x (N, D), W (E, D), b (E,) | None, V (E, D), s (1,) fp32, save_gating) -> y (N, D), g (N, E) fp32
+    forward(x (N, D), W (E, D), b (E,) | None, V (E, D), s (1,) fp32, save_gating, residual=r (N, D) | None)
+                                                    -> y (N, D), g (N, E) fp32   [input h = r + x in x's dtype]
     backward(dy, y, g, W, V, s, dg (N, E) | None) -> dx (N, D) x.dtype, dW (E, D), db (E,), dV (E, D), ds (1,)
                                                     [gradients of the parameters in fp32; dg: gating's gradient]
 
 and saves nothing itself: the autograd registration below keeps only y, the gating and the parameters,
-and the backward recomputes x = y − s·(g V). torch.compile traces the custom ops; eager calls go through an
-``autograd.Function`` built from the same pieces, because torch.library's per-call dispatch costs more than the
-whole eager composition at small sizes (measured on CPU, torch backend, 4 × 8 rows: steer() forward 94 → 48 µs,
-forward + backward 270 → 184 µs; the eager composition 22 / 108 µs).
+and the backward recomputes x (or h) = y − s·(g V); with a residual, dh is the gradient of both r and x.
+torch.compile traces the custom ops; eager calls go through an ``autograd.Function`` built from the same pieces,
+because torch.library's per-call dispatch costs more than the whole eager composition at small sizes (measured on
+CPU, torch backend, 4 × 8 rows: steer() forward 94 → 48 µs, forward + backward 270 → 184 µs; the eager composition
+22 / 108 µs).
 """
 import importlib
 import os
@@ -107,12 +109,12 @@ def _impl(name: str):
 # ----------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("steermoe::steer_forward", mutates_args=())
 def _steer_forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Tensor, scale: Tensor,
-                      backend: str, save_gating: bool) -> Tuple[Tensor, Tensor]:
-    return _impl(backend).steer_forward(x, weight, bias, vectors, scale, save_gating)
+                      backend: str, save_gating: bool, residual: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    return _impl(backend).steer_forward(x, weight, bias, vectors, scale, save_gating, residual=residual)
 
 
 @_steer_forward_op.register_fake
-def _(x, weight, bias, vectors, scale, backend, save_gating):
+def _(x, weight, bias, vectors, scale, backend, save_gating, residual=None):
     rows = x.shape[0] if save_gating else 0
     gating_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return torch.empty_like(x), x.new_empty((rows, weight.shape[0]), dtype=gating_dtype)
@@ -133,10 +135,11 @@ def _(grad_y, y, gating, weight, vectors, scale, grad_gating, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, vectors, scale, backend, save_gating = inputs
+    x, weight, bias, vectors, scale, backend, save_gating, residual = inputs
     y, gating = output
     ctx.backend = backend
     ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
     ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype, vectors.dtype)
     ctx.set_materialize_grads(False)  # an unused gating output passes None, not a zero (N, E) tensor
     ctx.save_for_backward(y, gating, weight, vectors, scale)
@@ -156,7 +159,7 @@ def _backward(ctx, grad_y, grad_gating, backward_op=_steer_backward_op):
     dx, dw, db, dv, ds = backward_op(grad_y.contiguous(), y, gating, weight, vectors, scale, grad_gating, ctx.backend)
     w_dtype, b_dtype, v_dtype = ctx.param_dtypes
     return (dx, dw.to(w_dtype), db.to(b_dtype) if ctx.has_bias else None, dv.to(v_dtype), ds,
-            None, None)
+            None, None, dx if ctx.has_residual else None)  # h = residual + x: one gradient for both, no copy
 
 
 _steer_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -172,9 +175,9 @@ class _SteerFunction(torch.autograd.Function):
     custom ops instead; steer() picks this only outside compilation."""
 
     @staticmethod
-    def forward(ctx, *inputs):  # (x, weight, bias, vectors, scale, backend, save_gating), as the op takes them
-        x, weight, bias, vectors, scale, backend, save_gating = inputs
-        output = _impl(backend).steer_forward(x, weight, bias, vectors, scale, save_gating)
+    def forward(ctx, *inputs):  # the op's (x, weight, bias, vectors, scale, backend, save_gating, residual)
+        x, weight, bias, vectors, scale, backend, save_gating, residual = inputs
+        output = _impl(backend).steer_forward(x, weight, bias, vectors, scale, save_gating, residual=residual)
         _setup_context(ctx, inputs, output)
         return output
 
@@ -216,17 +219,38 @@ def _scale_tensor(scale, x: Tensor) -> Tensor:
                       device=x.device)
 
 
+def _check_residual(residual, x: Tensor) -> None:
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a torch.Tensor of x's shape {tuple(x.shape)} or None; "
+                        f"got {type(residual).__name__}")
+    if residual.shape != x.shape:
+        raise _shape_error("residual", f"{tuple(x.shape)} (x's shape)", residual.shape)
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual must have x's dtype ({x.dtype}); got {residual.dtype}")
+    if residual.device != x.device:
+        raise ValueError(f"residual is on {residual.device} but x is on {x.device}; all arguments must share a "
+                         "device")
+
+
+def _rows(t: Tensor, dim: int) -> Tensor:
+    rows = t.reshape(-1, dim)
+    return rows if rows.is_contiguous() else rows.contiguous()
+
+
 def steer(x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor], vectors: Tensor, scale, *,
-          return_gating: bool = False, backend: Optional[str] = None):
-    """Fused SteerMoE step ``y = x + scale · softmax(x Wᵀ + b) V``.
+          residual: Optional[Tensor] = None, return_gating: bool = False, backend: Optional[str] = None):
+    """Fused SteerMoE step ``y = h + scale · softmax(h Wᵀ + b) V`` with ``h = x``, or ``h = residual + x``.
 
     Args:
         x: (..., D) activations, float32 / bfloat16 / float16 (float64 on the ``torch`` backend only).
+        residual: None, or a tensor of x's shape, dtype and device: the op then steers ``h = residual + x``
+            (rounded to x's dtype exactly as that add alone), fusing a block's residual add (x its branch) into
+            the step, so that h is never stored; residual and x both get h's gradient.
         router_weight: W, (E, D), float32 or x's dtype.
         router_bias: b, (E,) or None.
         vectors: V, (E, D) steering vectors.
         scale: s, a float or a 0-dim / 1-element tensor (differentiable).
-        return_gating: also return the gating softmax(x Wᵀ + b), (..., E) float32.
+        return_gating: also return the gating softmax(h Wᵀ + b), (..., E) float32.
         backend: ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"``; default: env ``STEERMOE_BACKEND``, else auto
             (on CUDA tensors triton, then cuda, then torch; on CPU torch).
 
@@ -249,17 +273,17 @@ def steer(x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor], vecto
     _check_param("vectors", vectors, x, (num_experts, dim), f"(E, D) = ({num_experts}, {dim})")
     if router_bias is not None:
         _check_param("router_bias", router_bias, x, (num_experts,), f"(E,) = ({num_experts},)")
+    if residual is not None:
+        _check_residual(residual, x)
     s = _scale_tensor(scale, x)
     name = _resolve_backend(backend, x, num_experts)
 
-    rows = x.reshape(-1, dim)
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, router_weight, router_bias, vectors, s))
+        t is not None and t.requires_grad for t in (x, residual, router_weight, router_bias, vectors, s))
     forward = _steer_forward_op if torch.compiler.is_compiling() else _SteerFunction.apply
-    y, gating = forward(rows, router_weight.contiguous(), None if router_bias is None else router_bias.contiguous(),
-                        vectors.contiguous(), s, name, bool(return_gating or needs_grad))
+    y, gating = forward(_rows(x, dim), router_weight.contiguous(),
+                        None if router_bias is None else router_bias.contiguous(), vectors.contiguous(), s, name,
+                        bool(return_gating or needs_grad), None if residual is None else _rows(residual, dim))
     y = y.reshape(x.shape)
     if return_gating:
         return y, gating.reshape(*x.shape[:-1], num_experts)

@@ -225,19 +225,34 @@ EMULATED = [  # (id, x shape, E, x dtype, params, misaligned, loss on the gating
     ("E8-warps-tiles-per-block-bf16", (WARP_TILED_ROWS, 256), 8, torch.bfloat16, "fp32", False, True),
     ("E33-warps-tiles-per-block-fp32", (WARP_TILED_ROWS, 40), 33, torch.float32, "fp32", False, False),
     ("E8-no-rows", (0, 16), 8, torch.float32, "fp32", False, False),
+    ("E8-vector-no-stash-fp32", (9, 1600), 8, torch.float32, "fp32", False, False),
 ]
+# cases also run with a residual input (the forward's stash, re-read, vector, scalar and misaligned paths)
+EMULATED_RESIDUAL = ("E8-vector-stash-bf16", "E3-odd-D-fp32", "E64-misaligned-fp16", "E33-split-dV-fp32",
+                     "E8-vector-no-stash-fp32", "E8-no-rows")
 
 
-def _check_emulated(ops, shape, experts, dtype, params, misaligned, gating_loss):
-    """The ops on CPU tensors vs the float64 oracle; the backward repeats bit for bit."""
+def _check_emulated(ops, shape, experts, dtype, params, misaligned, gating_loss, residual=False):
+    """The ops on CPU tensors vs the float64 oracle; the backward repeats bit for bit. With ``residual`` the forward
+    takes x as a residual block's branch and a random residual, and equals the unfused forward of their sum bit for
+    bit; the oracle is taken at that sum."""
     args = make_inputs(Case(shape=shape, experts=experts, dtype=dtype, params=params, scale="1el"), "cpu")
     dy = torch.randn(shape, dtype=dtype)
     dgating = torch.randn(shape[0], experts) if gating_loss else None
     x, w, b, v, s = (a.detach() for a in args)
-    if misaligned:
-        x, dy = _misaligned(x), _misaligned(dy)
-    y, gating = ops.cuda_forward(x, w, b, v, s, True)
-    y_alone, no_gating = ops.cuda_forward(x, w, b, v, s, False)
+    if misaligned:  # with a residual, the residual alone: x's alignment no longer hides it
+        x, dy = (x, dy) if residual else (_misaligned(x), _misaligned(dy))
+    inputs = (x,)
+    if residual:
+        r = torch.randn(shape, dtype=dtype)
+        inputs = (x, _misaligned(r) if misaligned else r)
+        x = r + x
+        args[0] = x.clone().requires_grad_()
+    y, gating = ops.cuda_forward(inputs[0], w, b, v, s, True, *inputs[1:])
+    if residual:
+        unfused = ops.cuda_forward(_misaligned(x) if misaligned else x, w, b, v, s, True)  # the same code path
+        assert torch.equal(y, unfused[0]) and torch.equal(gating, unfused[1])
+    y_alone, no_gating = ops.cuda_forward(inputs[0], w, b, v, s, False, *inputs[1:])
     assert torch.equal(y_alone, y) and no_gating.shape == (0, experts)
     grads = ops.cuda_backward(dy, y, gating, w, v, s, dgating)
     results = dict(zip(("y", "gating", *GRAD_NAMES), (y, gating, *grads)))
@@ -251,6 +266,21 @@ def _check_emulated(ops, shape, experts, dtype, params, misaligned, gating_loss)
 @pytest.mark.parametrize("case", [c[1:] for c in EMULATED], ids=[c[0] for c in EMULATED])
 def test_emulated_kernels_match_reference(emulated, case):
     _check_emulated(emulated, *case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c[1:] for c in EMULATED if c[0] in EMULATED_RESIDUAL],
+                         ids=[c[0] for c in EMULATED if c[0] in EMULATED_RESIDUAL])
+def test_emulated_residual_matches_reference(emulated, case):
+    _check_emulated(emulated, *case, residual=True)
+
+
+@pytest.mark.slow
+def test_emulated_residual_checked(emulated):
+    x, w, v, s = torch.randn(4, 8), torch.randn(3, 8), torch.randn(3, 8), torch.ones(1)
+    for bad in (torch.randn(4, 7), x.double(), x[:, None]):
+        with pytest.raises(RuntimeError, match=r"cuda_forward: residual must match x: Float \[4, 8\]"):
+            emulated.cuda_forward(x, w, None, v, s, False, bad)
 
 
 RACE_CASES = ("E8-vector-stash-bf16", "E8-warps-tiles-per-block-bf16")  # shared memory of both kernels, 4 blocks

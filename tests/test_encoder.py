@@ -1,5 +1,6 @@
 """SteeredWhisperEncoder against transformers' own encoder and an independent float64 re-implementation."""
 import copy
+import functools
 import math
 import os
 
@@ -418,3 +419,90 @@ def test_argument_errors(tiny_path):
         SteeredWhisperEncoder.from_pretrained(tiny_path, device_map="auto")
     with pytest.raises(ValueError, match="dtype"):
         SteeredWhisperEncoder.from_pretrained(tiny_path, torch_dtype=torch.int8)
+
+
+# ----------------------------------------------------------------------------------- fused residual add
+_STEERING = ("router_weight", "router_bias", "steering_vectors", "layer_scales")
+
+
+@pytest.fixture
+def layer_calls(monkeypatch):
+    """Counts of the calls to WhisperEncoderLayer.forward and to the fused path's _layer_halves."""
+    import steermoe.encoder
+    from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
+
+    calls = {"forward": 0, "halves": 0}
+
+    def counted(key, fn):
+        @functools.wraps(fn)  # keeps the signature the encoder inspects
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(WhisperEncoderLayer, "forward", counted("forward", WhisperEncoderLayer.forward))
+    monkeypatch.setattr(steermoe.encoder, "_layer_halves", counted("halves", steermoe.encoder._layer_halves))
+    return calls
+
+
+def _outputs_and_grads(enc, x, mask):
+    out = enc(x, attention_mask=mask, return_gating=True, output_hidden_states=True)
+    weights = torch.randn(out.last_hidden_state.shape, generator=torch.Generator().manual_seed(0))
+    loss = (out.last_hidden_state.float() * weights).sum() + sum((g * g).sum() for g in out.gating)
+    grads = torch.autograd.grad(loss, [getattr(enc, n) for n in _STEERING])
+    return [out.last_hidden_state, *out.hidden_states, *out.gating, *grads]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_residual_matches_unfused(tiny_path, layer_calls, dtype, masked, checkpointing):
+    """Steered layers hand their last residual add to the steering op: the outputs, hidden states, gates and the
+    steering gradients (a loss on the gates too) equal those of each layer's own forward followed by the step."""
+    enc = _randomise_steering(SteeredWhisperEncoder.from_pretrained(
+        tiny_path, num_experts=4, layers=[0, 2], dtype=dtype), seed=9, vector_std=0.5)
+    if checkpointing:
+        enc.gradient_checkpointing_enable()
+    x = torch.randn(2, N_MELS, 31)
+    mask = None
+    if masked:
+        mask = torch.ones(2, 31, dtype=torch.long)
+        mask[1, 20:] = 0
+    fused = _outputs_and_grads(enc, x, mask)
+    # layer 1 runs its own forward; layer 2 (input requires grad) is recomputed in backward when checkpointing
+    assert layer_calls == {"forward": 2 if checkpointing else 1, "halves": 3 if checkpointing else 2}
+    enc.fuse_residual = False
+    unfused = _outputs_and_grads(enc, x, mask)
+    assert layer_calls["halves"] == (3 if checkpointing else 2)
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8
+    for a, b in zip(fused, unfused, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+def _subclassed(enc):
+    from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
+
+    enc.encoder.layers[0].__class__ = type("Layer", (WhisperEncoderLayer,), {})
+
+
+FALLBACKS = {  # (change to the encoder, forward kwargs): each steered layer runs its own forward
+    "subclassed-layer": (_subclassed, {}),
+    "hooked-layer": (lambda enc: enc.encoder.layers[0].register_forward_hook(lambda *_: None), {}),
+    "instance-forward": (lambda enc: setattr(enc.encoder.layers[0], "forward", enc.encoder.layers[0].forward), {}),
+    "layer-in-train-mode": (lambda enc: enc.encoder.layers[0].train(), {}),
+    "output-attentions": (lambda enc: None, {"output_attentions": True}),
+    "float16": (lambda enc: enc.encoder.half(), {}),
+    "switched-off": (lambda enc: setattr(enc, "fuse_residual", False), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(FALLBACKS))
+def test_fused_residual_falls_back_to_the_layer(tiny_path, layer_calls, name):
+    """Where the fused halves might not compute what the layer does (its class, hooks or mode changed, the
+    attention weights wanted, float16's clamp after the add) the layer's own forward runs."""
+    change, kwargs = FALLBACKS[name]
+    enc = _randomise_steering(SteeredWhisperEncoder.from_pretrained(tiny_path, num_experts=2, layers=[0]), seed=10)
+    change(enc)
+    with torch.no_grad():
+        enc(torch.randn(1, N_MELS, 21), **kwargs)
+    assert layer_calls == {"forward": N_LAYERS, "halves": 0}

@@ -17,11 +17,10 @@ from torch import Tensor
 import steermoe.kernels
 import steermoe.ops
 import steermoe.reference
-import steermoe.testing
 from steermoe import available_backends, steer
 from steermoe.reference import steer_reference
-from steermoe.testing import (GRAD_NAMES, TOLERANCE, Case, assert_close, check_against_reference, differentiable,
-                              make_inputs, reference_results)
+from steermoe.testing import (GRAD_NAMES, TOLERANCE, Case, _error_scales, assert_close, check_against_reference,
+                              differentiable, make_inputs, reference_results)
 
 HAS_CUDA = torch.cuda.is_available()
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -113,7 +112,7 @@ def test_triton_fused_residual_matches_reference(case):
     h = residual + x
     expected_y, expected_gating = steer_reference(h.double(), w.double(), None if b is None else b.double(),
                                                   v.double(), scale.double())
-    scales = steermoe.testing._error_scales([h, w, b, v, scale], expected_gating, torch.zeros_like(y), None)
+    scales = _error_scales([h, w, b, v, scale], expected_gating, torch.zeros_like(y), None)
     assert y.dtype == x.dtype
     assert_close(y, expected_y, scales["y"].max().item(), case.dtype, "y")
     assert_close(gating, expected_gating, scales["gating"].max().item(), case.dtype, "gating")
@@ -159,6 +158,64 @@ def test_extreme_logits_stay_finite(backend, dtype):
     torch.testing.assert_close(gating.sum(-1), torch.ones(gating.shape[:-1], device=device))
 
 
+# ----------------------------------------------------------------------------------- fused residual add
+def check_residual_against_reference(case: Case, backend: Tuple[str, str], gating_grad: bool = False) -> None:
+    """steer(x, ..., residual=r) against the float64 oracle at h = r + x rounded to x's dtype (the add the fused op
+    replaces): y, gating, every parameter's gradient, and h's gradient, which r and x both get (one tensor, no
+    copy); the outputs equal the unfused steer(r + x) bit for bit (but in Triton's interpreter, whose fp32 → bf16
+    conversion truncates where torch's add rounds)."""
+    name, device = backend
+    args = make_inputs(case, device)
+    x, residual = args[0], make_inputs(case, device)[0]  # x's shape, dtype and layout
+    y, gating = steer(*args, residual=residual, return_gating=True, backend=name)
+    h = (residual + x).detach().requires_grad_()
+    y_unfused, gating_unfused = steer(h, *args[1:], return_gating=True, backend=name)
+    if not (name == "triton" and steermoe.kernels.INTERPRET and case.dtype == torch.bfloat16):
+        assert torch.equal(y, y_unfused) and torch.equal(gating, gating_unfused)
+    dy = torch.randn_like(y)
+    dgating = torch.randn_like(gating) if gating_grad else None
+    outputs, upstream = ([y, gating], [dy, dgating]) if gating_grad else ([y], [dy])
+    d_residual, *grads = torch.autograd.grad(outputs, [residual, *differentiable(args)], upstream)
+    assert d_residual.data_ptr() == grads[0].data_ptr() and d_residual.dtype == x.dtype
+    oracle = reference_results([h, *args[1:]], dy, dgating)
+    for (what, (expected, scale)), actual in zip(oracle.items(), (y, gating, *grads)):
+        assert_close(actual, expected, scale, case.dtype, what)
+
+
+RESIDUAL_SIZES = [(1, (37, 33)), (8, (2, 35, 257)), (33, (5, 7, 33)), (8, (0, 100)), (64, (37, 48)),
+                  (3, (2, 3, 2, 5, 17))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("experts, shape", RESIDUAL_SIZES,
+                         ids=[f"E{e}-{'x'.join(map(str, s))}" for e, s in RESIDUAL_SIZES])
+def test_residual_sizes_match_reference(backend, experts, shape, dtype):
+    check_residual_against_reference(Case(shape=shape, experts=experts, dtype=dtype), backend)
+
+
+@pytest.mark.parametrize("case", [Case(layout="transposed", dtype=torch.bfloat16), Case(shape=(2, 5, 3, 33),
+                                  layout="sliced", dtype=torch.float16, params="x", bias=False, scale="float")],
+                         ids=str)
+def test_residual_layouts_match_reference(backend, case):
+    check_residual_against_reference(case, backend, gating_grad=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
+def test_residual_gradient_through_gating(backend, dtype):
+    check_residual_against_reference(Case(shape=(2, 19, 33), dtype=dtype), backend, gating_grad=True)
+
+
+def test_residual_is_never_saved(backend):
+    """With a residual the op saves what it saves without one: y and the gating, neither input nor their sum."""
+    name, device = backend
+    args = make_inputs(Case(shape=(2, 37, 100), dtype=torch.bfloat16), device)
+    residual = torch.randn_like(args[0], requires_grad=True)
+    y, saved = _saved_tensors(lambda: steer(*args, residual=residual, backend=name))
+    rows_d = [t for t in saved if t.numel() == y.numel()]
+    assert [_storage(t) for t in rows_d] == [_storage(y)]
+    assert sum(t.numel() == 2 * 37 * 8 for t in saved) == 1
+
+
 # --------------------------------------------------------------------------------- autograd properties
 def _float64_inputs():
     case = Case(shape=(2, 3, 5), experts=3, dtype=torch.float64, params="x")
@@ -189,6 +246,15 @@ def test_double_backward_raises(path):
         y = steermoe.ops._steer_forward_op(rows, w, b, v, s.reshape(1), "torch", True)[0]
     with pytest.raises(RuntimeError, match="differentiable once; backward with create_graph=True"):
         torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+def test_gradcheck_torch_backend_residual():
+    inputs = _float64_inputs()
+    residual = torch.randn_like(inputs[0], requires_grad=True)
+
+    def fn(residual, *args):
+        return steer(*args, residual=residual, return_gating=True, backend="torch")
+    assert torch.autograd.gradcheck(fn, (residual, *inputs))
 
 
 def test_backward_is_deterministic(backend):
@@ -300,6 +366,12 @@ ERRORS = [  # (id, changes to the valid arguments, exception, message pattern)
     ("scale-str", lambda a: {"scale": "0.5"}, TypeError, "scale must be a float or a 1-element tensor"),
     ("scale-bool", lambda a: {"scale": True}, TypeError, "scale must be a float"),
     ("backend-name", lambda a: {"backend": "numpy"}, ValueError, "backend must be one of .*'numpy'"),
+    ("residual-list", lambda a: {"residual": a["x"].tolist()}, TypeError, "residual must be a torch.Tensor"),
+    ("residual-shape", lambda a: {"residual": a["x"][:, :1]}, ValueError,
+     re.escape("residual must have shape (2, 4, 5) (x's shape); got (2, 1, 5)")),
+    ("residual-dtype", lambda a: {"residual": a["x"].double()}, TypeError,
+     re.escape("residual must have x's dtype (torch.float32); got torch.float64")),
+    ("residual-device", lambda a: {"residual": a["x"].to("meta")}, ValueError, "residual is on meta but x is on cpu"),
     ("triton-E65", lambda a: {"router_weight": torch.randn(65, 5), "vectors": torch.randn(65, 5),
                               "router_bias": None, "backend": "triton"}, RuntimeError, "1..64 experts, got E=65"),
     ("triton-float64", lambda a: {k: v.double() for k, v in a.items() if isinstance(v, Tensor)}
@@ -337,9 +409,9 @@ def _record_backend_calls(monkeypatch) -> list:
     calls = []
     for name, module in (("torch", steermoe.reference), ("triton", steermoe.kernels)):
 
-        def forward(*args, _name=name, _orig=module.steer_forward):
+        def forward(*args, _name=name, _orig=module.steer_forward, **kwargs):
             calls.append(_name)
-            return _orig(*args)
+            return _orig(*args, **kwargs)
         monkeypatch.setattr(module, "steer_forward", forward)
     return calls
 
@@ -395,13 +467,16 @@ def test_compile_traces_the_custom_ops():
     assert type(node).__name__ == "_SteerFunctionBackward"
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("residual", [False, True], ids=["x", "residual"])
+def test_compile_fullgraph_matches_eager(residual):
     """torch.compile(fullgraph=True) traces steer (custom op + fake + autograd) with no graph break."""
     torch._dynamo.reset()
     args = make_inputs(Case(shape=(2, 5, 33), experts=3, dtype=torch.bfloat16), "cpu")
+    if residual:
+        args.append(torch.randn_like(args[0], requires_grad=True))
 
-    def fn(*a):
-        y, gating = steer(*a, return_gating=True, backend="torch")
+    def fn(x, w, b, v, s, r=None):
+        y, gating = steer(x, w, b, v, s, residual=r, return_gating=True, backend="torch")
         return y * 2, gating
 
     compiled = torch.compile(fn, fullgraph=True)
