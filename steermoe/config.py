@@ -33,6 +33,7 @@ class ModelConfig:
     downsample_mode: str = "stack"        # stack | avg | max
     projector: str = "linear"             # linear | mlp
     prompt: str = "Transcribe the audio."
+    system_prompt: Optional[str] = None   # chat template's system message (None: the template's default)
     max_new_tokens: int = 128             # greedy decoding budget for evaluation and transcription
 
 

@@ -36,7 +36,7 @@ _TRANSCRIPT = "<|steermoe:transcript|>"
 _STRUCTURE = ("num_experts", "layers", "downsample", "downsample_mode", "projector")
 _BASES = ("whisper", "llm")
 _BUILD_KEYS = ("whisper", "llm", "dtype", "num_experts", "steering_scale", "layers", "downsample",
-               "downsample_mode", "projector", "prompt", "device")
+               "downsample_mode", "projector", "prompt", "system_prompt", "device")
 
 
 @dataclass
@@ -113,15 +113,22 @@ def build_projector(kind: str, in_size: int, out_size: int) -> nn.Module:
 class PromptFormat:
     """The token ids around the audio and after it, from the tokenizer's chat template or a plain prefix.
 
-    Attributes: ``chat`` (a chat template is used), ``end_token_id`` (closes the transcript: the template's
-    end-of-turn token, else eos), ``stop_token_ids`` (end generation), ``pad_token_id``.
+    ``system_prompt`` (chat templates only) is sent as the system message; None keeps the template's default
+    (SmolLM2's puts 24 tokens before the audio, 8 with ``system_prompt=""``). Attributes: ``chat`` (a chat
+    template is used), ``end_token_id`` (closes the transcript: the template's end-of-turn token, else eos),
+    ``stop_token_ids`` (end generation), ``pad_token_id``.
     """
 
-    def __init__(self, tokenizer, instruction: str = DEFAULT_PROMPT):
+    def __init__(self, tokenizer, instruction: str = DEFAULT_PROMPT, system_prompt: Optional[str] = None):
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError(f"prompt must be a non-empty instruction string; got {instruction!r}")
-        self.tokenizer, self.instruction = tokenizer, instruction
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise ValueError(f"system_prompt must be a string or None; got {system_prompt!r}")
+        self.tokenizer, self.instruction, self.system_prompt = tokenizer, instruction, system_prompt
         self.chat = bool(getattr(tokenizer, "chat_template", None))
+        if system_prompt is not None and not self.chat:
+            raise ValueError("system_prompt needs a tokenizer with a chat template; this one has none (leave "
+                             "system_prompt unset)")
         eos = tokenizer.eos_token_id
         self.end_token_id = self._turn_end_id() if self.chat else eos
         if self.end_token_id is None:
@@ -135,6 +142,8 @@ class PromptFormat:
 
     def _render(self, instruction: str, answer: Optional[str] = None) -> str:
         messages = [{"role": "user", "content": f"{_AUDIO}\n{instruction}"}]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
         if answer is not None:
             messages.append({"role": "assistant", "content": answer})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
@@ -180,7 +189,7 @@ class SteerMoEModel(nn.Module):
 
     def __init__(self, encoder: SteeredWhisperEncoder, llm: nn.Module, tokenizer, *, log_mel: Optional[LogMel] = None,
                  downsample: int = 4, downsample_mode: str = "stack", projector: str = "linear",
-                 prompt: str = DEFAULT_PROMPT):
+                 prompt: str = DEFAULT_PROMPT, system_prompt: Optional[str] = None):
         super().__init__()
         from transformers import GenerationConfig
 
@@ -193,7 +202,7 @@ class SteerMoEModel(nn.Module):
         self.projector.to(encoder.router_weight.device)
         self.llm = llm.eval()
         self.tokenizer = tokenizer
-        self.prompt_format = PromptFormat(tokenizer, prompt)
+        self.prompt_format = PromptFormat(tokenizer, prompt, system_prompt)
         fmt = self.prompt_format
         llm.generation_config = GenerationConfig(
             do_sample=False, num_beams=1, use_cache=True, bos_token_id=tokenizer.bos_token_id,
@@ -203,8 +212,9 @@ class SteerMoEModel(nn.Module):
             "dtype": str(llm.get_input_embeddings().weight.dtype).replace("torch.", ""),
             "num_experts": encoder.num_experts, "steering_scale": float(encoder.layer_scales[0].detach()),
             "layers": list(encoder.steered_layers), "downsample": downsample, "downsample_mode": downsample_mode,
-            "projector": projector, "prompt": prompt, "encoder_hidden_size": encoder.hidden_size,
-            "llm_hidden_size": llm_hidden, "trainable_parameters": self.num_trainable_parameters(),
+            "projector": projector, "prompt": prompt, "system_prompt": system_prompt,
+            "encoder_hidden_size": encoder.hidden_size, "llm_hidden_size": llm_hidden,
+            "trainable_parameters": self.num_trainable_parameters(),
         }
 
     # ----------------------------------------------------------------------------------- construction
@@ -212,7 +222,7 @@ class SteerMoEModel(nn.Module):
     def from_pretrained(cls, whisper: str, llm: str, *, dtype="bfloat16", num_experts: int = 8,
                         steering_scale: float = 0.1, layers: Optional[Sequence[int]] = None, downsample: int = 4,
                         downsample_mode: str = "stack", projector: str = "linear", prompt: str = DEFAULT_PROMPT,
-                        device=None) -> "SteerMoEModel":
+                        system_prompt: Optional[str] = None, device=None) -> "SteerMoEModel":
         """Load the frozen bases (Whisper's encoder only; any ``AutoModelForCausalLM`` and its tokenizer).
 
         Args:
@@ -220,7 +230,9 @@ class SteerMoEModel(nn.Module):
             dtype: frozen-weight dtype, ``bfloat16`` | ``float16`` | ``float32`` (trainables stay float32).
             num_experts, steering_scale, layers: the steering (see :class:`SteeredWhisperEncoder`).
             downsample, downsample_mode: frames per LLM position and how they merge (see :class:`Downsampler`).
-            projector: ``linear`` or ``mlp``.  prompt: the default instruction.  device: where to put the model.
+            projector: ``linear`` or ``mlp``.  prompt: the default instruction.
+            system_prompt: the chat template's system message (None: the template's default; see :class:`PromptFormat`).
+            device: where to put the model.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor
 
@@ -240,7 +252,8 @@ class SteerMoEModel(nn.Module):
         lm = AutoModelForCausalLM.from_pretrained(llm, **{_dtype_kwarg(): torch_dtype})
         tokenizer = AutoTokenizer.from_pretrained(llm)
         model = cls(encoder, lm, tokenizer, log_mel=log_mel, downsample=downsample,
-                    downsample_mode=downsample_mode, projector=projector, prompt=prompt)
+                    downsample_mode=downsample_mode, projector=projector, prompt=prompt,
+                    system_prompt=system_prompt)
         model.config["steering_scale"] = steering_scale
         return model.to(device) if device is not None else model
 

@@ -154,7 +154,7 @@ def build_model(m: ModelConfig, device: torch.device):
     return SteerMoEModel.from_pretrained(
         m.whisper, m.llm, dtype=m.dtype, num_experts=m.num_experts, steering_scale=m.steering_scale,
         layers=m.layers, downsample=m.downsample, downsample_mode=m.downsample_mode, projector=m.projector,
-        prompt=m.prompt, device=device)
+        prompt=m.prompt, system_prompt=m.system_prompt, device=device)
 
 
 def open_source(data: DataConfig, paths: List[str], *, tokenizer=None, for_eval: bool = False):

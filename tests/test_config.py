@@ -96,9 +96,19 @@ def test_save_round_trips(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
-@pytest.mark.parametrize("path", ["configs/whisper-large-v3-qwen2.5-1.5b.yaml", "steermoe/demo/demo.yaml"])
+@pytest.mark.parametrize("path", ["configs/whisper-large-v3-qwen2.5-1.5b.yaml", "configs/whisper-base-smollm2-cpu.yaml",
+                                  "steermoe/demo/demo.yaml"])
 def test_shipped_configs_load(path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     fill = ["model.whisper=w", "model.llm=l", "data.train=t.parquet"] if "demo" in path else []
     cfg = load_config(os.path.join(root, path), fill)
     assert cfg.train.max_steps > cfg.train.warmup_steps
+
+
+def test_cpu_recipe_evaluates_on_a_set_it_never_trains_on():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs/whisper-base-smollm2-cpu.yaml"))
+    assert cfg.data.eval == ["real/speech/asterisk_dev.parquet"]
+    assert not {os.path.basename(p) for p in cfg.data.train} & {os.path.basename(p) for p in cfg.data.eval}
+    assert cfg.model.system_prompt == "" and cfg.model.dtype == "float32" and cfg.train.device == "cpu"
+    assert 0 < cfg.train.eval_every < cfg.train.max_steps

@@ -284,3 +284,22 @@ def test_checkpoint_mismatches_are_errors_naming_both_sides(bases, tmp_path):
         model.load_trainable(str(tmp_path))
     with pytest.raises(TypeError, match="num_expert"):
         SteerMoEModel.from_trainable(ckpt, num_expert=3)
+
+
+def test_system_prompt_replaces_the_templates_system_message(bases):
+    from steermoe.demo.tiny_models import build_tiny_tokenizer
+    from steermoe.model import PromptFormat
+
+    tok = build_tiny_tokenizer(chat=True)
+    before, after = PromptFormat(tok, "Transcribe.", system_prompt="Be brief.").around_audio()
+    assert tok.decode(before) == "<s><|system|>\nBe brief.<|end|>\n<|user|>\n"
+    assert tok.decode(after) == "\nTranscribe.<|end|>\n<|assistant|>\n"
+    assert tok.decode(PromptFormat(tok, "Transcribe.").around_audio()[0]) == "<s><|user|>\n"
+    with pytest.raises(ValueError, match="system_prompt needs a tokenizer with a chat template"):
+        PromptFormat(build_tiny_tokenizer(chat=False), system_prompt="")
+    with pytest.raises(ValueError, match="system_prompt must be a string or None"):
+        PromptFormat(tok, system_prompt=3)
+    model = _model(bases, "llama", system_prompt="")
+    assert model.config["system_prompt"] == ""
+    assert model.prompt_format.around_audio()[0] == tok("<s><|system|>\n<|end|>\n<|user|>\n",
+                                                          add_special_tokens=False)["input_ids"]

@@ -1,17 +1,26 @@
-"""Synthesise the bundled demo set ``speech.parquet`` with espeak-ng (``apt-get install -y espeak-ng``).
+"""Synthesise English speech with espeak-ng (``apt-get install -y espeak-ng``) into a parquet speech set.
 
-    python -m steermoe.demo.make_speech [--output steermoe/demo/speech.parquet]
+    python -m steermoe.demo.make_speech [--output steermoe/demo/speech.parquet]     # the bundled demo set
+    python -m steermoe.demo.make_speech --sentences 800 --voices en-us,en-gb+f3,en-gb-scotland+m3 \\
+        --texts train.parquet --seed 0 --output espeak_train.parquet                  # training speech
 
-Short English sentences spoken by two espeak-ng voices at two speeds, resampled to 16 kHz, stored as FLAC bytes in
-the schema Hugging Face ``datasets`` writes for an ``Audio`` column (struct ``{bytes, path}``), with ``text`` and
-``id`` columns. The output is deterministic for a given espeak-ng build.
+Without ``--sentences`` / ``--texts`` it writes the demo set: ``SENTENCES`` spoken by two voices at two speeds.
+``--sentences N`` adds N templated sentences (:func:`steermoe.demo.sentences.templated_sentences`), ``--texts``
+the transcripts of a parquet file's ``text`` column or of a text file (one sentence a line); each of those gets a
+seeded voice, speed and pitch. Audio is resampled to 16 kHz and stored as FLAC bytes in the schema Hugging Face
+``datasets`` writes for an ``Audio`` column (struct ``{bytes, path}``), with ``text`` and ``id`` columns, in row
+groups of ``--row-group-size`` rows (so that a seeded row-group order mixes this set with others). The output is
+deterministic for a given espeak-ng build and seed.
 """
 import argparse
 import io
 import json
 import os
+import random
 import subprocess
 import tempfile
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 from steermoe.fileio import atomic_write
 
@@ -79,17 +88,35 @@ SENTENCES = [
 ]
 VOICES = ("en-us", "en-gb")
 SPEEDS = (150, 175)  # words per minute
+# voices (language + variant) and ranges for generated training speech
+TRAIN_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-us-nyc", "en-029", "en-gb-x-gbclan",
+                "en-us+f2", "en-us+f4", "en-us+m3", "en-gb+f3", "en-gb+m5", "en-gb-x-rp+f1", "en-us-nyc+m7")
+TRAIN_SPEEDS = (130, 145, 160, 175, 190)
+TRAIN_PITCHES = (30, 40, 50, 60, 70)
 SAMPLE_RATE = 16000
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "speech.parquet")
 
 
-def synthesize(text: str, voice: str, speed: int):
+@dataclass(frozen=True)
+class Utterance:
+    """What to synthesise: ``text`` spoken by espeak-ng ``voice`` at ``speed`` words/min and ``pitch`` (0-99;
+    None: the voice's own)."""
+
+    id: str
+    text: str
+    voice: str
+    speed: int
+    pitch: Optional[int] = None
+
+
+def synthesize(text: str, voice: str, speed: int, pitch: Optional[int] = None):
     """(float32 mono samples at 16 kHz) for ``text`` spoken by espeak-ng."""
     from steermoe.audio import load_audio_file
 
     with tempfile.TemporaryDirectory() as tmp:
         wav = os.path.join(tmp, "speech.wav")
-        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", wav, text], check=True)
+        pitch_args = [] if pitch is None else ["-p", str(pitch)]
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), *pitch_args, "-w", wav, text], check=True)
         return load_audio_file(wav)
 
 
@@ -101,32 +128,89 @@ def flac_bytes(audio) -> bytes:
     return buffer.getvalue()
 
 
-def build_table():
-    """The demo set as a pyarrow Table in the ``datasets`` Audio schema."""
+def demo_utterances() -> List[Utterance]:
+    """The bundled demo set: ``SENTENCES``, voices in turn, speeds in turn every two sentences."""
+    return [Utterance(f"demo-{i:03d}", text, VOICES[i % len(VOICES)], SPEEDS[(i // len(VOICES)) % len(SPEEDS)])
+            for i, text in enumerate(SENTENCES)]
+
+
+def training_utterances(texts: Sequence[str], *, voices: Sequence[str] = TRAIN_VOICES,
+                        speeds: Sequence[int] = TRAIN_SPEEDS, pitches: Sequence[int] = TRAIN_PITCHES,
+                        seed: int = 0, prefix: str = "espeak") -> List[Utterance]:
+    """One utterance per text, each with a seeded voice, speed and pitch; ids ``{prefix}-00000`` on."""
+    for name, values in (("voices", voices), ("speeds", speeds), ("pitches", pitches)):
+        if not values:
+            raise ValueError(f"{name} must name at least one value")
+    rng = random.Random(seed)
+    return [Utterance(f"{prefix}-{i:05d}", text, rng.choice(voices), rng.choice(speeds), rng.choice(pitches))
+            for i, text in enumerate(texts)]
+
+
+def read_texts(path: str, column: str = "text") -> List[str]:
+    """Non-blank transcripts of a parquet file's ``column``, or the non-blank lines of a text file."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+    else:
+        with open(path, encoding="utf-8") as f:
+            values = f.read().splitlines()
+    return [v.strip() for v in values if isinstance(v, str) and v.strip()]
+
+
+def build_table(utterances: Optional[Sequence[Utterance]] = None):
+    """``utterances`` (default: the demo set) synthesised, as a pyarrow Table in the ``datasets`` Audio schema."""
     import pyarrow as pa
 
-    ids, audio, texts = [], [], []
-    for i, text in enumerate(SENTENCES):
-        voice, speed = VOICES[i % len(VOICES)], SPEEDS[(i // len(VOICES)) % len(SPEEDS)]
-        ids.append(f"demo-{i:03d}")
-        audio.append({"bytes": flac_bytes(synthesize(text, voice, speed)), "path": f"demo-{i:03d}.flac"})
-        texts.append(text)
+    utterances = demo_utterances() if utterances is None else utterances
+    audio = [{"bytes": flac_bytes(synthesize(u.text, u.voice, u.speed, u.pitch)), "path": f"{u.id}.flac"}
+             for u in utterances]
     audio_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     features = {"audio": {"sampling_rate": SAMPLE_RATE, "_type": "Audio"},
                 "text": {"dtype": "string", "_type": "Value"}, "id": {"dtype": "string", "_type": "Value"}}
     schema = pa.schema([("audio", audio_type), ("text", pa.string()), ("id", pa.string())],
                        metadata={"huggingface": json.dumps({"info": {"features": features}})})
-    return pa.table([pa.array(audio, audio_type), pa.array(texts), pa.array(ids)], schema=schema)
+    return pa.table([pa.array(audio, audio_type), pa.array([u.text for u in utterances]),
+                     pa.array([u.id for u in utterances])], schema=schema)
+
+
+def _csv(kind):
+    return lambda text: [kind(v) for v in text.split(",") if v.strip()]
 
 
 def main(argv=None) -> None:
     import pyarrow.parquet as pq
 
+    from steermoe.demo.sentences import templated_sentences
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="parquet file to write")
+    parser.add_argument("--sentences", type=int, default=0, help="templated sentences to speak")
+    parser.add_argument("--texts", action="append", default=[],
+                        help="also speak these transcripts: a parquet file (its 'text' column) or a text file; "
+                             "may be repeated")
+    parser.add_argument("--voices", type=_csv(str), default=list(TRAIN_VOICES),
+                        help="comma-separated espeak-ng voices, 'language[+variant]'")
+    parser.add_argument("--speeds", type=_csv(int), default=list(TRAIN_SPEEDS), help="words per minute, comma-separated")
+    parser.add_argument("--pitches", type=_csv(int), default=list(TRAIN_PITCHES), help="0-99, comma-separated")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sentences and each one's voice")
+    parser.add_argument("--row-group-size", type=int, default=64, help="rows per parquet row group")
     args = parser.parse_args(argv)
-    table = build_table()
-    atomic_write(args.output, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    if args.sentences < 0:
+        parser.error(f"--sentences must be >= 0; got {args.sentences}")
+    if args.row_group_size < 1:
+        parser.error(f"--row-group-size must be >= 1; got {args.row_group_size}")
+    if args.sentences or args.texts:
+        texts = templated_sentences(args.sentences, seed=args.seed)
+        for path in args.texts:
+            texts += read_texts(path)
+        utterances = training_utterances(texts, voices=args.voices, speeds=args.speeds, pitches=args.pitches,
+                                         seed=args.seed)
+    else:
+        utterances = demo_utterances()
+    table = build_table(utterances)
+    atomic_write(args.output, lambda tmp: pq.write_table(table, tmp, compression="zstd",
+                                                        row_group_size=args.row_group_size))
     print(f"wrote {args.output}: {table.num_rows} utterances, {os.path.getsize(args.output) / 1e6:.2f} MB")
 
 

@@ -1,0 +1,81 @@
+"""The synthetic-speech generator: templated sentences, seeded voices, and the parquet it writes (espeak-ng)."""
+import io
+import json
+import re
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from steermoe.demo import make_speech
+from steermoe.demo.sentences import TEMPLATES, VOCABULARY, templated_sentences
+
+HAS_ESPEAK = shutil.which("espeak-ng") is not None
+
+
+def test_templated_sentences_are_distinct_seeded_and_filled():
+    first = templated_sentences(120, seed=3)
+    assert len(first) == len(set(first)) == 120
+    assert templated_sentences(120, seed=3) == first
+    assert templated_sentences(120, seed=4) != first
+    assert templated_sentences(40, seed=3) == first[:40]        # a longer list extends a shorter one
+    assert not any("{" in s or "}" in s for s in first)
+    assert all(s[0].isupper() for s in first)
+    assert {field for t in TEMPLATES for field in re.findall(r"\{(\w+)\}", t)} <= set(VOCABULARY)
+
+
+@pytest.mark.parametrize("n", [-1, 1.5, True])
+def test_templated_sentences_reject_bad_counts(n):
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        templated_sentences(n)
+
+
+def test_training_utterances_draw_seeded_voices_from_the_given_lists():
+    texts = [f"sentence {i}" for i in range(30)]
+    a = make_speech.training_utterances(texts, voices=["en-us", "en-gb+f3"], speeds=[140, 180], pitches=[40],
+                                        seed=1)
+    assert [u.text for u in a] == texts and [u.id for u in a][:2] == ["espeak-00000", "espeak-00001"]
+    assert {u.voice for u in a} == {"en-us", "en-gb+f3"} and {u.speed for u in a} == {140, 180}
+    assert {u.pitch for u in a} == {40}
+    assert make_speech.training_utterances(texts, voices=["en-us", "en-gb+f3"], speeds=[140, 180], pitches=[40],
+                                           seed=1) == a
+    with pytest.raises(ValueError, match="voices must name at least one value"):
+        make_speech.training_utterances(texts, voices=[])
+
+
+def test_read_texts_from_parquet_and_text_files(tmp_path):
+    (tmp_path / "t.txt").write_text("One.\n\n  Two.  \n")
+    assert make_speech.read_texts(str(tmp_path / "t.txt")) == ["One.", "Two."]
+    assert make_speech.read_texts(make_speech.DEFAULT_OUTPUT)[:2] == make_speech.SENTENCES[:2]
+
+
+@pytest.mark.skipif(not HAS_ESPEAK, reason="espeak-ng is not installed (apt-get install -y espeak-ng)")
+def test_generated_set_schema_and_determinism(tmp_path):
+    import soundfile as sf
+
+    from steermoe.data import ParquetSpeechSource
+
+    args = ["--sentences", "2", "--texts", str(tmp_path / "extra.txt"), "--voices", "en-us,en-gb+f3",
+            "--seed", "5", "--row-group-size", "2"]
+    (tmp_path / "extra.txt").write_text("Press one for sales.\n")
+    for name in ("a", "b"):
+        make_speech.main([*args, "--output", str(tmp_path / f"{name}.parquet")])
+    a, b = (pq.read_table(tmp_path / f"{n}.parquet") for n in ("a", "b"))
+    assert a.equals(b)                                          # deterministic, audio bytes included
+    assert a.column_names == ["audio", "text", "id"]
+    assert json.loads(a.schema.metadata[b"huggingface"])["info"]["features"]["audio"]["_type"] == "Audio"
+    assert a.column("text").to_pylist() == templated_sentences(2, seed=5) + ["Press one for sales."]
+    assert a.column("id").to_pylist() == ["espeak-00000", "espeak-00001", "espeak-00002"]
+    assert pq.ParquetFile(tmp_path / "a.parquet").metadata.num_row_groups == 2
+    for cell in a.column("audio").to_pylist():
+        samples, rate = sf.read(io.BytesIO(cell["bytes"]))
+        assert rate == 16000 and 0.5 < len(samples) / rate < 10 and samples.std() > 0.01
+    source = ParquetSpeechSource(str(tmp_path / "a.parquet"), id_column="id")
+    assert [e.text for e in source] == a.column("text").to_pylist() and not source.skipped
+
+
+def test_main_rejects_bad_arguments(tmp_path, capsys):
+    for bad in (["--sentences", "-2"], ["--row-group-size", "0"]):
+        with pytest.raises(SystemExit):
+            make_speech.main([*bad, "--output", str(tmp_path / "x.parquet")])
+        assert bad[0] in capsys.readouterr().err
