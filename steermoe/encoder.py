@@ -75,7 +75,8 @@ class SteeredWhisperEncoder(nn.Module):
     ``fuse_residual`` (attribute, default True): a steered layer that is transformers' own ``WhisperEncoderLayer``,
     with no hook or instance override, in eval mode and not float16, runs its two halves here and hands the last
     residual add to the steering op (``steer(fc2_out, ..., residual=h_attn)``): the same output, one (B, T, D)
-    tensor fewer written and read per steered layer. Otherwise, and with ``output_attentions``, the layer's own
+    tensor fewer written and read per steered layer. Otherwise, and with ``output_attentions`` or
+    ``return_router_logits`` (the logits need the sum itself), the layer's own
     forward runs and the step follows it. float16 is left to the layer for its overflow clamp after that add.
     """
 
@@ -267,7 +268,8 @@ class SteeredWhisperEncoder(nn.Module):
                 all_states += (h,)
             row = self._row_of_layer.get(idx)
             residual = None
-            if row is not None and self.fuse_residual and not output_attentions and _fusable(layer, h):
+            if (row is not None and self.fuse_residual and not (output_attentions or return_router_logits)
+                    and _fusable(layer, h)):
                 residual, h = self._checkpointed(_layer_halves, layer, h, layer_mask)
             else:
                 h, weights = self._checkpointed(_call_layer, layer, h, layer_mask, self._layer_takes_head_mask,

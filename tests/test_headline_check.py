@@ -51,10 +51,10 @@ def test_a_run_that_raises_is_reported_and_the_others_still_run(tmp_path, monkey
 
     shipped = steermoe.kernels.steer_forward
 
-    def no_fp16(x, *args):
+    def no_fp16(x, *args, **kwargs):
         if x.dtype == torch.float16:
             raise RuntimeError("no fp16 here")
-        return shipped(x, *args)
+        return shipped(x, *args, **kwargs)
 
     monkeypatch.setattr(steermoe.kernels, "steer_forward", no_fp16)
     out = tmp_path / "headline-triton.json"
