@@ -176,7 +176,8 @@ def launch_config(kernel: str, dim: int, dtype: torch.dtype, num_experts: int) -
     if kernel == "forward":  # exact fp32 products (FMAs) hold more registers
         block_d = {16: 32}.get(e_pad, 16) if dtype == torch.float32 else (64 if e_pad <= 32 else 32)
         stages, row_block_bytes = 3, 32 * dim * torch.finfo(dtype).bits // 8
-        per_sm = max(1, min(2, L2_BYTES_PER_SM // row_block_bytes))
+        # 2 programs cap registers at 128, which spills at E_PAD = 64 (triton 3.2, sm_80): one program there
+        per_sm = 1 if e_pad >= 64 else max(1, min(2, L2_BYTES_PER_SM // row_block_bytes))
     else:  # the backward keeps more (rows, E) tiles live: narrower D tiles and fewer stages as E grows
         block_d = {16: 64, 32: 32}.get(e_pad, 16) // (2 if dtype == torch.float32 else 1)
         stages, per_sm = {16: 4}.get(e_pad, 3), 1

@@ -129,10 +129,10 @@ def test_specialisation_changes_the_compile(versus_triton):
 
 def _synchronous_loads_allowed(kernel: str) -> int:
     """Synchronous global loads the second D sweep of ``kernel`` may issue. Triton 3.3 pipelines only the operands
-    of ``tl.dot``, even in a loop that asks for stages: there the backward's two partial-tile loads stay
-    ``ld.global``."""
+    of ``tl.dot``, even in a loop that asks for stages, and 3.2 does the same at some E (seen at E = 33): there the
+    backward's two partial-tile loads may stay ``ld.global``."""
     import triton
-    return 2 if kernel == "backward" and triton.__version__.startswith("3.3.") else 0
+    return 2 if kernel == "backward" and triton.__version__.startswith(("3.2.", "3.3.")) else 0
 
 
 @pytest.mark.parametrize("kernel", ["forward", "backward"])
