@@ -19,8 +19,9 @@
  *
  * Forward (steer_fwd_kernel): 4 warps per block, each warp owns R consecutive rows (R = 4, 2, 1 for E ≤ 8, 16,
  * 64, halved for fp32 x: R·E logits per lane). Pass 1 streams the rows once (16-byte vectors, lane-strided,
- * coalesced), keeps the raw rows in shared memory when 4·R·D·elem ≤ 48 KB (otherwise pass 2 re-reads them,
- * from L1/L2), and accumulates per-lane partial logits. One xor-butterfly reduction gives every lane all R·E
+ * coalesced), keeps the raw rows (with a residual, r + x) in shared memory when 4·R·D·elem ≤ 48 KB (otherwise
+ * pass 2 re-reads x from L1/L2, or with a residual the sum pass 1 wrote into the lane's own elements of y),
+ * and accumulates per-lane partial logits. One xor-butterfly reduction gives every lane all R·E
  * logits (bitwise identical in every lane), the softmax runs in registers and lane e stores g[:, e]. Pass 2
  * writes y = x + s·(g V).
  *
@@ -204,10 +205,10 @@ struct FwdShape {
   static constexpr int MIN_BLOCKS = E_MAX <= 16 ? 4 : 0;  // __launch_bounds__ hint (0: none); ptxas spills nothing
 };
 
-// y = x + s·(g V) for the warp's rows over N columns starting at col, x = xr (+ rr, when not null). `xr` is
-// generic: shared or global.
+// y = x + s·(g V) for the warp's rows over N columns starting at col. `xr` is generic: shared or global, and
+// may be yr itself (each element is read before it is overwritten, by the same lane).
 template <int N, int R, int E_MAX, typename T>
-__device__ __forceinline__ void fwd_output_step(const T* xr, const T* rr, T* __restrict__ yr,
+__device__ __forceinline__ void fwd_output_step(const T* xr, T* yr,
                                                 const float* __restrict__ v, int d, int e, int rows, int col,
                                                 const float (&g)[R][E_MAX], float s) {
   float mix[R][N];
@@ -230,7 +231,7 @@ __device__ __forceinline__ void fwd_output_step(const T* xr, const T* rr, T* __r
     if (r < rows) {
       const int64_t off = static_cast<int64_t>(r) * d + col;
       float out[N];
-      load_sum<N>(xr + off, rr != nullptr ? rr + off : nullptr, out);
+      load<N>(xr + off, out);
 #pragma unroll
       for (int k = 0; k < N; ++k) out[k] = fmaf(s, mix[r][k], out[k]);
       store<N>(yr + off, out);
@@ -263,7 +264,8 @@ __device__ __forceinline__ void softmax_rows(float (&a)[R][E_MAX], const float* 
   }
 }
 
-template <typename T, int E_MAX>
+// RESIDUAL: a separate instantiation, so the plain step's code and registers do not depend on the fused add.
+template <typename T, int E_MAX, bool RESIDUAL>
 __global__ void __launch_bounds__(kFwdWarps * kWarp, FwdShape<T, E_MAX>::MIN_BLOCKS)
     steer_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual, const float* __restrict__ w,
                      const float* __restrict__ bias,
@@ -278,8 +280,12 @@ __global__ void __launch_bounds__(kFwdWarps * kWarp, FwdShape<T, E_MAX>::MIN_BLO
   if (row0 >= n) return;  // whole warps only; the forward has no block-wide barrier
   const int rows = static_cast<int>(min(static_cast<int64_t>(R), n - row0));
   const T* xr = x + row0 * d;
-  const T* rr = residual != nullptr ? residual + row0 * d : nullptr;
-  T* kept = stash ? reinterpret_cast<T*>(smem) + static_cast<int64_t>(warp) * R * d : nullptr;
+  const T* rr = RESIDUAL ? residual + row0 * d : nullptr;
+  T* yr = y + row0 * d;
+  // Pass 1 keeps its rows (with the residual added) for pass 2: in shared memory, or, for a residual without
+  // room there, in the lane's own elements of y (pass 2 then reads one row instead of two, and ptxas need
+  // not hold two inputs' loads in flight: reading x and r again there spilled at E_MAX = 64 in 16-bit types).
+  T* kept = stash ? reinterpret_cast<T*>(smem) + static_cast<int64_t>(warp) * R * d : RESIDUAL ? yr : nullptr;
   const int nvec = vectorized ? d / VEC : 0;
 
   float acc[R][E_MAX];
@@ -304,14 +310,12 @@ __global__ void __launch_bounds__(kFwdWarps * kWarp, FwdShape<T, E_MAX>::MIN_BLO
   }
 
   const float s = *scale;
-  const T* src = stash ? kept : xr;  // each lane re-reads exactly the elements it kept (with the residual added)
-  const T* src_residual = stash ? nullptr : rr;
-  T* yr = y + row0 * d;
+  const T* src = kept != nullptr ? kept : xr;  // each lane re-reads exactly the elements it kept
   for (int c = lane; c < nvec; c += kWarp) {
-    fwd_output_step<VEC>(src, src_residual, yr, v, d, e, rows, c * VEC, acc, s);
+    fwd_output_step<VEC>(src, yr, v, d, e, rows, c * VEC, acc, s);
   }
   for (int col = nvec * VEC + lane; col < d; col += kWarp) {
-    fwd_output_step<1>(src, src_residual, yr, v, d, e, rows, col, acc, s);
+    fwd_output_step<1>(src, yr, v, d, e, rows, col, acc, s);
   }
 }
 
@@ -674,7 +678,8 @@ void launch_steer_forward(const at::Tensor& x, const at::Tensor& w, const at::Te
       const size_t stash_bytes = static_cast<size_t>(kFwdWarps) * R * d * sizeof(T);
       const bool stash = stash_bytes <= kStashLimit;
       const int64_t blocks = ceil_div(n, kFwdWarps * R);
-      steer_fwd_kernel<T, E_MAX><<<static_cast<unsigned>(blocks), kFwdWarps * kWarp, stash ? stash_bytes : 0, stream>>>(
+      auto kernel = residual.defined() ? steer_fwd_kernel<T, E_MAX, true> : steer_fwd_kernel<T, E_MAX, false>;
+      kernel<<<static_cast<unsigned>(blocks), kFwdWarps * kWarp, stash ? stash_bytes : 0, stream>>>(
           ptr<const T>(x), ptr<const T>(residual), ptr<const float>(w), ptr<const float>(bias), ptr<const float>(v),
           ptr<const float>(scale), ptr<T>(y), ptr<float>(gating), n, d, e, vectorized, stash);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
