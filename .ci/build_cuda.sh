@@ -81,9 +81,10 @@ for line in usage.stdout.splitlines():
     elif m := re.search(r"Function (\S+):", line):
         name = m.group(1)
     elif m := re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", line):
-        kernel = re.search(r"(steer_fwd_kernel|steer_bwd_kernel|reduce_partials_kernel)(?:I(\w+?)Li(\d+)E)?", name)
-        dtype = {"f": "fp32", "13__nv_bfloat16": "bf16", "6__half": "fp16"}.get(kernel.group(2), "")
-        label = " ".join(filter(None, (arch, kernel.group(1), dtype, kernel.group(3) and f"E<={kernel.group(3)}")))
+        kernel = re.search(r"(steer_fwd_kernel|steer_bwd_kernel)I(\w+?)Li(\d+)E(?:Lb([01])E)?", name)
+        dtype = {"f": "fp32", "13__nv_bfloat16": "bf16", "6__half": "fp16"}[kernel.group(2)]
+        residual = "+residual" if kernel.group(4) == "1" else ""
+        label = " ".join(filter(None, (arch, kernel.group(1), dtype, f"E<={kernel.group(3)}", residual)))
         print(f"  {label:40s} registers {m.group(1):>3s}  stack {m.group(2)}  local {m.group(3)}")
         if int(m.group(2)) or int(m.group(3)):
             spills.append(label)

@@ -3,14 +3,14 @@ The one source of the op's cost model; the kernels, the CUDA sources and BENCHMA
 
 N rows of width D, E experts, ``elem`` bytes per element of x; the gating is float32 (N·E·4 bytes).
 
-    mode      minimum bytes                  FLOPs      fused kernels' FLOPs
-    fwd       2·N·D·elem + N·E·4             4·N·D·E    4·N·D·E     read x, write y and the gating
-    bwd       3·N·D·elem + N·E·4             8·N·D·E    10·N·D·E    read dy, y and the gating, write dx
-    fwd+bwd   5·N·D·elem + 2·N·E·4           12·N·D·E   14·N·D·E
+    mode      minimum bytes                  FLOPs
+    fwd       2·N·D·elem + N·E·4             4·N·D·E     read x, write y and the gating
+    bwd       3·N·D·elem + N·E·4             8·N·D·E     read dy, y and the gating, write dx
+    fwd+bwd   5·N·D·elem + 2·N·E·4           12·N·D·E
 
 FLOPs count the op's products, 2·N·D·E each (2 FLOPs per multiply-add): forward x·Wᵀ, g·V; backward dy·Vᵀ,
-dlogits·W, dlogitsᵀ·x, gᵀ·dy. The fused backwards (Triton and CUDA) never save x and recompute it as
-x = y − s·gV: one product more. Parameter traffic (E·D; the backward's per-program partial sums) and the softmax
+dlogits·W, dlogitsᵀ·x, gᵀ·dy. The fused backwards (Triton and CUDA) never save x: they take dlogitsᵀ·y and
+correct it by s·(dlogitsᵀ·g)·V (x = y − s·gV), E×E-sized work, so their FLOPs are the op's. Parameter traffic (E·D; the backward's per-program partial sums) and the softmax
 are left out of the minimum; benchmarks/traffic.py models the bytes each kernel really moves.
 ``python -m benchmarks.roofline`` prints both at Whisper-large shapes.
 """
@@ -20,7 +20,6 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 _ROW_PASSES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}      # N·D tensors that must cross HBM
 _GATING_PASSES = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}
 _MATMULS = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}          # N×D×E products, 2 FLOPs per multiply-add
-_RECOMPUTED = {"fwd": 0, "bwd": 1, "fwd+bwd": 1}       # products the fused backward adds: x = y − s·gV
 
 
 def min_bytes(mode: str, rows: int, dim: int, experts: int, elem: int) -> int:
@@ -28,9 +27,9 @@ def min_bytes(mode: str, rows: int, dim: int, experts: int, elem: int) -> int:
     return _ROW_PASSES[mode] * rows * dim * elem + _GATING_PASSES[mode] * rows * experts * 4
 
 
-def flops(mode: str, rows: int, dim: int, experts: int, recomputed: bool = False) -> int:
-    """Matrix FLOPs of one call; ``recomputed`` adds the fused backward's recomputation of x."""
-    return (_MATMULS[mode] + recomputed * _RECOMPUTED[mode]) * 2 * rows * dim * experts
+def flops(mode: str, rows: int, dim: int, experts: int) -> int:
+    """Matrix FLOPs of one call."""
+    return _MATMULS[mode] * 2 * rows * dim * experts
 
 
 def table(rows: int, dim: int, experts: int, elem: int, bandwidth_tbps: float):

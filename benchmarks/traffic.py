@@ -1,4 +1,4 @@
-"""Traffic model of the Triton kernels: the bytes each moves between the SMs and L2, the bytes L2 moves to and from
+"""Traffic model of the Triton and CUDA kernels: the bytes each moves between the SMs and L2, the bytes L2 moves to and from
 HBM, and the time floor those set (predictions from the kernels' structure, not measurements).
 
 A design is a table of terms per kernel. A term is one access of the kernel's loop nest: ``unit`` bytes moved
@@ -187,7 +187,68 @@ def pipelined_launches(s: Shape, gpu: GPU) -> Dict[str, Launch]:
     return out
 
 
-DESIGNS = {"current": (CURRENT, current_launches), "pipelined": (PIPELINED, pipelined_launches)}
+
+def _cuda_fwd_rows(s: Shape) -> int:     # rows per warp of csrc/steer_kernels.cu's forward (FwdShape::R)
+    return max(1, (4 if s.experts <= 8 else 2 if s.experts <= 16 else 1) // (2 if s.elem == 4 else 1))
+
+
+def _cuda_stash(s: Shape) -> bool:      # the forward keeps its block's rows in shared memory (≤ 48 KB)
+    return 4 * _cuda_fwd_rows(s) * s.dim * s.elem <= 48 * 1024
+
+
+def _cuda_bwd_steps(s: Shape, c: Launch) -> int:   # phase-2 steps of RG = 2 rows, over all tiles
+    return c.row_blocks(s) * -(-c.block_m // 2)
+
+
+# csrc/steer_kernels.cu: the forward a block of 4 warps per 4·R rows (not persistent), its rows kept in shared
+# memory when they fit (else re-read); the backward persistent blocks over row tiles, phase 2 a thread per column
+# group re-reading W every RG = 2 rows, dW from y (no recomputed x), its workspace reduced by steermoe/workspace.py.
+# L1 is assumed to serve a block's warps reading the same W/V lines together (the rest of the model assumes no L1).
+CUDA = {
+    "forward": [
+        Term("x, pass 1", "stream", _rows, _ONCE),
+        Term("W, pass 1 (each block; its warps share the lines in L1)", "shared", _param, _PER_BLOCK),
+        Term("b and s (each block)", "shared", lambda s, c: s.experts * 4 + 4, _PER_BLOCK),
+        Term("gating store", "stream", _gating, _ONCE),
+        Term("x, pass 2 (from L2 when shared memory cannot keep it)", "reread", _rows,
+             lambda s, c: int(not _cuda_stash(s)), footprint=lambda s, c: 0 if _cuda_stash(s) else _block_rows(s, c)),
+        Term("V, pass 2 (each block)", "shared", _param, _PER_BLOCK),
+        Term("y store", "stream", _rows, _ONCE),
+    ],
+    "backward": [
+        *CURRENT["backward"][:4],
+        Term("V, phase 1 (each row tile; its warps share the lines in L1)", "shared", _param, _PER_BLOCK),
+        Term("dlogits store", "stream", _gating, _ONCE),
+        Term("dy, phase 2 (the tile's own rows)", "reread", _rows, _ONCE, footprint=_block_rows),
+        Term("dy, the dV sweep (E > 16)", "reread", _rows, lambda s, c: int(s.experts > 16),
+             footprint=_block_rows),
+        Term("y, phase 2 (prefetched into L2 by phase 1)", "stream", _rows, _ONCE),
+        Term("W, phase 2 (every 2 rows, no L1 reuse assumed: an upper bound)", "shared", _param, _cuda_bwd_steps),
+        *PIPELINED["backward"][9:],
+    ],
+}
+
+
+def cuda_launches(s: Shape, gpu: GPU) -> Dict[str, Launch]:
+    """launch_steer_forward / launch_steer_backward's grids (csrc/steer_kernels.cu, mirrored here): forward blocks
+    of 4·R rows, resident as __launch_bounds__ asks (4 per SM at E ≤ 16, else 2, the registers' limit at E = 64);
+    the backward's tiles of 32..64 rows over at most MIN_BLOCKS · SMs blocks, all resident."""
+    per_block = 4 * _cuda_fwd_rows(s)
+    blocks = -(-s.rows // per_block)
+    forward = Launch(per_block, blocks, min(blocks, (4 if s.experts <= 16 else 2) * gpu.sms))
+    c2 = 4 if s.experts <= 8 else 2 if s.experts <= 16 else 1
+    items = max(1, -(-s.dim // c2))
+    sweeps = -(-items // 256)
+    warps = min(8, -(-(-(-items // sweeps)) // 32))
+    max_blocks = gpu.sms * max(2 if s.experts <= 16 else 1, 8 // warps)
+    rounds = -(-s.rows // (max_blocks * 64))
+    tile = min(64, max(32, -(-(-(-s.rows // (rounds * max_blocks))) // 4) * 4))
+    programs = min(-(-s.rows // tile), max_blocks)
+    return dict(forward=forward, backward=Launch(tile, programs, programs))
+
+
+DESIGNS = {"current": (CURRENT, current_launches), "pipelined": (PIPELINED, pipelined_launches),
+           "cuda": (CUDA, cuda_launches)}
 
 
 @dataclass

@@ -14,11 +14,11 @@ void launch_steer_forward(const at::Tensor& x, const at::Tensor& w, const at::Te
                           const at::Tensor& residual);
 
 // dy, y, dx (N, D) in y's dtype, N > 0; gating (N, E) fp32 and its upstream gradient grad_gating (N, E) fp32 or
-// undefined; w, v (E, D) fp32; scale (1,) fp32. Writes dx and the fp32 weight gradients dw, dv (E, D), db (E,),
-// ds (1,).
-void launch_steer_backward(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& gating,
-                           const at::Tensor& grad_gating, const at::Tensor& w, const at::Tensor& v,
-                           const at::Tensor& scale, const at::Tensor& dx, const at::Tensor& dw, const at::Tensor& db,
-                           const at::Tensor& dv, const at::Tensor& ds);
+// undefined; w, v (E, D) fp32; scale (1,) fp32. Writes dx and dlogits (N, E) fp32; returns the (P, workspace_row)
+// fp32 workspace of per-block partial sums (layout: steermoe/workspace.py), P chosen here.
+at::Tensor launch_steer_backward(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& gating,
+                                 const at::Tensor& grad_gating, const at::Tensor& w, const at::Tensor& v,
+                                 const at::Tensor& scale, const at::Tensor& dx, const at::Tensor& dlogits,
+                                 int64_t workspace_row);
 
 }  // namespace steermoe

@@ -8,10 +8,9 @@
  * the op boundary); s (1,) fp32 read on the device (no host sync); gating g (N, E) fp32. All arithmetic and
  * every accumulation is fp32.
  *
- * Cost per call: benchmarks/roofline.py is the cost model (the op's FLOPs, with and without the backward's
- * recomputation of x, which these kernels do; minimum bytes; `python -m benchmarks.roofline`). Beyond that minimum
- * the backward moves a workspace of 2 · P · (2·E·D + E + 1) · 4 bytes (per-block partials, written then summed;
- * P = backward blocks, at most 8 per SM, 2 at D = 1280, E ≤ 16).
+ * Cost per call: benchmarks/roofline.py is the cost model (the op's FLOPs; minimum bytes; `python -m
+ * benchmarks.roofline`). Beyond that minimum the backward moves its workspace (P · (2·E·D + 16) · 4 bytes, written
+ * then summed; P = backward blocks, at most 8 per SM, 2 at D = 1280, E ≤ 16) and dlogits (N·E·4 bytes).
  * At E = 8 in bf16 the op is memory-bound against HBM, but these kernels use CUDA cores (fp32
  * FMA, no tensor cores), whose issue rate on an H100 is only ~1.3× what the copy bandwidth needs at E = 8.
  * So every FMA operand lives in registers, each W/V load is reused across several rows, and lanes exchange
@@ -28,15 +27,15 @@
  * Backward (steer_bwd_kernel): a persistent grid of P blocks; block p takes row tiles p, p + P, ... of
  * tile_rows rows, so the row → block assignment depends only on N, D, E, the dtype and the SM count.
  *   phase 1, a warp per RB rows: u = dy·Vᵀ (lane partials + warp reduction), dg = s·u (+ the gradient of the
- *     returned gating, when a loss uses it), dl = g ⊙ (dg − Σ_e g·dg);
- *     db (per warp, in shared memory) and ds (in registers) accumulate; s·g and dl go to shared memory; the
- *     lanes prefetch the tile's y into L2.
- *   phase 2, a thread per C2 columns over all rows of the tile: x = y − Σ_e (s·g_e)·V_e (recomputed, x is
- *     never saved), dx = dy + Σ_e dl_e·W_e (stored), and register partials dW += dlᵀ·x, dV += (s·g)ᵀ·dy
- *     (for E > 16 dV in a second sweep over the tile, to stay in registers), added to the block's private
- *     fp32 slice of a (P, 2·E·D + E + 1) workspace (stored on the block's first tile).
- * reduce_partials_kernel then sums the P slices in a fixed order: no float atomics, so the weight gradients
- * are bitwise reproducible on a given device.
+ *     returned gating, when a loss uses it), dl = g ⊙ (dg − Σ_e g·dg), stored (N, E); ds = Σ g·u accumulates in
+ *     registers; g and dl go to shared memory; the lanes prefetch the tile's y into L2.
+ *   phase 2, a thread per C2 columns over all rows of the tile: dx = dy + Σ_e dl_e·W_e (stored), and register
+ *     partials Σ dlᵀ·y, Σ gᵀ·dy (for E > 16 the latter in a second sweep over the tile, to stay in registers),
+ *     added to the block's private row of the (P, 2·E·D + 16) workspace (stored on the block's first tile).
+ *     x is neither saved nor recomputed: the one reduction the Triton backward uses too
+ *     (steermoe/workspace.py, the layout's one source) sums the rows in a fixed order and turns Σ dlᵀ·y into
+ *     dW with an E×E correction (x = y − s·g·V). No float atomics: the weight gradients are bitwise
+ *     reproducible on a given device.
  *
  * Vector accesses (16 bytes per lane in the row-streaming loops) are used when D is a multiple of 16/elem and
  * every pointer is 16-byte aligned; otherwise the same arithmetic runs on lane-strided scalars.
@@ -66,7 +65,6 @@ constexpr int kFwdWarps = 4;
 constexpr int kBwdMaxWarps = 8;
 constexpr int kMinTileRows = 32;  // backward row tiles: fewer rows make the workspace traffic dominate
 constexpr int kMaxTileRows = 64;
-constexpr int kReduceThreads = 256;
 constexpr size_t kStashLimit = 48 * 1024;  // dynamic shared memory available without an opt-in
 
 // ------------------------------------------------------------------------------------------ element access
@@ -339,8 +337,9 @@ struct BwdArgs {
   const float* v;
   const float* scale;
   T* dx;
-  float* part;          // (P, part_stride): [dW (E·D) | dV (E·D) | db (E) | ds | pad] per block
-  int64_t part_stride;  // multiple of 4 floats
+  float* dlogits;       // (N, E)
+  float* part;          // (P, part_stride): [Σ dl·y (E·D) | Σ g·dy (E·D) | Σ g·u | pad] per block
+  int64_t part_stride;  // floats per row (steermoe/workspace.py); a multiple of 4 when vectorized
   int64_t n;
   int d;
   int e;
@@ -349,7 +348,7 @@ struct BwdArgs {
 };
 
 // Calls f(j, c) for each expert j < e, with c[r] = table[r0 + r][j] from the tile's (tile_rows, E_MAX) shared
-// table (s·g or dl), 0 past tile_len. The table is read 4 experts at a time.
+// table (g or dl), 0 past tile_len. The table is read 4 experts at a time.
 template <int RG, int E_MAX, typename F>
 __device__ __forceinline__ void for_each_expert(const float* table, int r0, int tile_len, int e, F&& f) {
 #pragma unroll
@@ -392,11 +391,12 @@ __device__ __forceinline__ void flush_partials(float* p, float (&acc)[E_MAX][N],
   }
 }
 
-// Phase 2 for N columns starting at col over the tile's rows: dx, and the tile's dW (and, WITH_DV, dV)
-// partials added to the block's workspace slices pw (and pv).
+// Phase 2 for N columns starting at col over the tile's rows: dx, and the tile's partials Σ dl·y (and, WITH_DV,
+// Σ g·dy) added to the block's workspace slices pw (and pv). y stands in for x: the E×E correction of the
+// reduction makes Σ dl·y the dW of x = y − s·g·V, so x is never recomputed and V is not read here.
 template <int N, int RG, int E_MAX, bool WITH_DV, typename T>
 __device__ __forceinline__ void bwd_dx_step(const BwdArgs<T>& a, int64_t t0, int tile_len, int col,
-                                            const float* s_sg, const float* s_dl, float* pw, float* pv,
+                                            const float* s_g, const float* s_dl, float* pw, float* pv,
                                             bool first) {
   const int d = a.d;
   const int e = a.e;
@@ -407,33 +407,29 @@ __device__ __forceinline__ void bwd_dx_step(const BwdArgs<T>& a, int64_t t0, int
 #pragma unroll
   for (int j = 0; j < (WITH_DV ? E_MAX : 1); ++j) fill(av[j], 0.f);
   for (int r0 = 0; r0 < tile_len; r0 += RG) {
-    float xv[RG][N];   // y, then x
+    float yv[RG][N];
     float dyv[RG][N];  // dy, then dx
 #pragma unroll
     for (int r = 0; r < RG; ++r) {
       if (r0 + r < tile_len) {
         const int64_t off = (t0 + r0 + r) * d + col;
-        load<N>(a.y + off, xv[r]);
+        load<N>(a.y + off, yv[r]);
         load<N>(a.dy + off, dyv[r]);
       } else {
-        fill(xv[r], 0.f);
+        fill(yv[r], 0.f);
         fill(dyv[r], 0.f);
       }
     }
-    // x = y − Σ_e (s·g_e) V_e;  dV_e += (s·g_e) dy
-    for_each_expert<RG, E_MAX>(s_sg, r0, tile_len, e, [&](int j, const float (&c)[RG]) {
-      float vv[N];
-      load<N>(a.v + static_cast<int64_t>(j) * d + col, vv);
+    if constexpr (WITH_DV) {  // Σ g_e dy
+      for_each_expert<RG, E_MAX>(s_g, r0, tile_len, e, [&](int j, const float (&c)[RG]) {
 #pragma unroll
-      for (int r = 0; r < RG; ++r) {
+        for (int r = 0; r < RG; ++r) {
 #pragma unroll
-        for (int k = 0; k < N; ++k) {
-          xv[r][k] = fmaf(-c[r], vv[k], xv[r][k]);
-          if constexpr (WITH_DV) av[j][k] = fmaf(c[r], dyv[r][k], av[j][k]);
+          for (int k = 0; k < N; ++k) av[j][k] = fmaf(c[r], dyv[r][k], av[j][k]);
         }
-      }
-    });
-    // dx = dy + Σ_e dl_e W_e;  dW_e += dl_e x
+      });
+    }
+    // dx = dy + Σ_e dl_e W_e;  Σ dl_e y
     for_each_expert<RG, E_MAX>(s_dl, r0, tile_len, e, [&](int j, const float (&c)[RG]) {
       float wv[N];
       load<N>(a.w + static_cast<int64_t>(j) * d + col, wv);
@@ -442,7 +438,7 @@ __device__ __forceinline__ void bwd_dx_step(const BwdArgs<T>& a, int64_t t0, int
 #pragma unroll
         for (int k = 0; k < N; ++k) {
           dyv[r][k] = fmaf(c[r], wv[k], dyv[r][k]);
-          aw[j][k] = fmaf(c[r], xv[r][k], aw[j][k]);
+          aw[j][k] = fmaf(c[r], yv[r][k], aw[j][k]);
         }
       }
     });
@@ -455,10 +451,10 @@ __device__ __forceinline__ void bwd_dx_step(const BwdArgs<T>& a, int64_t t0, int
   if constexpr (WITH_DV) flush_partials(pv, av, d, e, col, first);
 }
 
-// Phase 2, separate pass for many experts: the tile's dV partial Σ_rows (s·g) dy added to pv.
+// Phase 2, separate pass for many experts: the tile's partial Σ_rows g dy added to pv.
 template <int N, int RG, int E_MAX, typename T>
 __device__ __forceinline__ void bwd_dv_step(const BwdArgs<T>& a, int64_t t0, int tile_len, int col,
-                                            const float* s_sg, float* pv, bool first) {
+                                            const float* s_g, float* pv, bool first) {
   const int d = a.d;
   const int e = a.e;
   float av[E_MAX][N];
@@ -474,7 +470,7 @@ __device__ __forceinline__ void bwd_dv_step(const BwdArgs<T>& a, int64_t t0, int
         fill(dyv[r], 0.f);
       }
     }
-    for_each_expert<RG, E_MAX>(s_sg, r0, tile_len, e, [&](int j, const float (&c)[RG]) {
+    for_each_expert<RG, E_MAX>(s_g, r0, tile_len, e, [&](int j, const float (&c)[RG]) {
 #pragma unroll
       for (int r = 0; r < RG; ++r) {
 #pragma unroll
@@ -488,11 +484,11 @@ __device__ __forceinline__ void bwd_dv_step(const BwdArgs<T>& a, int64_t t0, int
 // Phase 2 for the columns [col, col + N) of one tile.
 template <int N, int E_MAX, typename T>
 __device__ __forceinline__ void bwd_column_step(const BwdArgs<T>& a, int64_t t0, int tile_len, int col,
-                                                const float* s_sg, const float* s_dl, float* pw, float* pv,
+                                                const float* s_g, const float* s_dl, float* pw, float* pv,
                                                 bool first) {
   using S = BwdShape<E_MAX>;
-  bwd_dx_step<N, S::RG, E_MAX, !S::SPLIT_DV>(a, t0, tile_len, col, s_sg, s_dl, pw, pv, first);
-  if constexpr (S::SPLIT_DV) bwd_dv_step<N, S::RG, E_MAX>(a, t0, tile_len, col, s_sg, pv, first);
+  bwd_dx_step<N, S::RG, E_MAX, !S::SPLIT_DV>(a, t0, tile_len, col, s_g, s_dl, pw, pv, first);
+  if constexpr (S::SPLIT_DV) bwd_dv_step<N, S::RG, E_MAX>(a, t0, tile_len, col, s_g, pv, first);
 }
 
 template <typename T, int E_MAX>
@@ -501,9 +497,9 @@ __global__ void __launch_bounds__(kBwdMaxWarps * kWarp, BwdShape<E_MAX>::MIN_BLO
   using S = BwdShape<E_MAX>;
   constexpr int VEC = 16 / sizeof(T);
   extern __shared__ float4 smem[];
-  float* s_sg = reinterpret_cast<float*>(smem);  // (tile_rows, E_MAX): s·g
-  float* s_dl = s_sg + a.tile_rows * E_MAX;       // (tile_rows, E_MAX): dlogits
-  float* s_red = s_dl + a.tile_rows * E_MAX;      // (warps, E_MAX + 1): db, ds of each warp's rows
+  float* s_g = reinterpret_cast<float*>(smem);  // (tile_rows, E_MAX): g
+  float* s_dl = s_g + a.tile_rows * E_MAX;       // (tile_rows, E_MAX): dlogits
+  float* s_ds = s_dl + a.tile_rows * E_MAX;      // (warps,): ds of each warp's rows
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int warps = blockDim.x / kWarp;
@@ -515,8 +511,6 @@ __global__ void __launch_bounds__(kBwdMaxWarps * kWarp, BwdShape<E_MAX>::MIN_BLO
   float* pw = a.part + blockIdx.x * a.part_stride;
   float* pv = pw + static_cast<int64_t>(e) * d;
 
-  float* warp_red = s_red + warp * (E_MAX + 1);  // written only by this warp: lane j % 32 owns entry j
-  for (int j = lane; j <= E_MAX; j += kWarp) warp_red[j] = 0.f;
   float ds = 0.f;  // lane-uniform
   const int64_t tiles = (a.n + a.tile_rows - 1) / a.tile_rows;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -562,9 +556,9 @@ __global__ void __launch_bounds__(kBwdMaxWarps * kWarp, BwdShape<E_MAX>::MIN_BLO
             if (j % kWarp == lane) {
               const float g = j < e ? gr[j] : 0.f;
               const float dl = g * (u[r][j] - gdg);
-              warp_red[j] += dl;
-              s_sg[(r0 + r) * E_MAX + j] = s * g;
+              s_g[(r0 + r) * E_MAX + j] = g;
               s_dl[(r0 + r) * E_MAX + j] = dl;
+              if (j < e) a.dlogits[row * e + j] = dl;
             }
           }
         }
@@ -574,43 +568,21 @@ __global__ void __launch_bounds__(kBwdMaxWarps * kWarp, BwdShape<E_MAX>::MIN_BLO
 
     // phase 2: a thread per C2 columns
     for (int c = threadIdx.x; c < nvec2; c += blockDim.x) {
-      bwd_column_step<S::C2, E_MAX>(a, t0, tile_len, c * S::C2, s_sg, s_dl, pw, pv, first);
+      bwd_column_step<S::C2, E_MAX>(a, t0, tile_len, c * S::C2, s_g, s_dl, pw, pv, first);
     }
     for (int col = nvec2 * S::C2 + threadIdx.x; col < d; col += blockDim.x) {
-      bwd_column_step<1, E_MAX>(a, t0, tile_len, col, s_sg, s_dl, pw, pv, first);
+      bwd_column_step<1, E_MAX>(a, t0, tile_len, col, s_g, s_dl, pw, pv, first);
     }
     __syncthreads();  // shared memory is rewritten by the next tile
   }
 
-  // db, ds of the block: warp partials summed in warp order
-  if (lane == E_MAX % kWarp) warp_red[E_MAX] = ds;
+  // ds of the block: warp partials summed in warp order
+  if (lane == 0) s_ds[warp] = ds;
   __syncthreads();
-  for (int t = threadIdx.x; t <= e; t += blockDim.x) {
-    const int j = t < e ? t : E_MAX;
+  if (threadIdx.x == 0) {
     float total = 0.f;
-    for (int w = 0; w < warps; ++w) total += s_red[w * (E_MAX + 1) + j];
-    pv[static_cast<int64_t>(e) * d + t] = total;  // db at 2·E·D + t, ds at 2·E·D + E
-  }
-}
-
-// out[i] = Σ_p part[p, i] in the order p = 0, 1, ..., routed to dW, dV, db, ds.
-__global__ void __launch_bounds__(kReduceThreads)
-    reduce_partials_kernel(const float* __restrict__ part, int64_t stride, int blocks, int64_t ed, int e,
-                           float* __restrict__ dw, float* __restrict__ dv, float* __restrict__ db,
-                           float* __restrict__ ds) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= 2 * ed + e + 1) return;
-  float total = 0.f;
-#pragma unroll 4
-  for (int p = 0; p < blocks; ++p) total += part[p * stride + i];
-  if (i < ed) {
-    dw[i] = total;
-  } else if (i < 2 * ed) {
-    dv[i - ed] = total;
-  } else if (i < 2 * ed + e) {
-    db[i - 2 * ed] = total;
-  } else {
-    ds[0] = total;
+    for (int w = 0; w < warps; ++w) total += s_ds[w];
+    pv[static_cast<int64_t>(e) * d] = total;  // at 2·E·D
   }
 }
 
@@ -687,20 +659,21 @@ void launch_steer_forward(const at::Tensor& x, const at::Tensor& w, const at::Te
   });
 }
 
-void launch_steer_backward(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& gating,
-                           const at::Tensor& grad_gating, const at::Tensor& w, const at::Tensor& v,
-                           const at::Tensor& scale, const at::Tensor& dx, const at::Tensor& dw, const at::Tensor& db,
-                           const at::Tensor& dv, const at::Tensor& ds) {
+at::Tensor launch_steer_backward(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& gating,
+                                 const at::Tensor& grad_gating, const at::Tensor& w, const at::Tensor& v,
+                                 const at::Tensor& scale, const at::Tensor& dx, const at::Tensor& dlogits,
+                                 int64_t workspace_row) {
   const int64_t n = y.size(0);
   const int d = static_cast<int>(y.size(1));
   const int e = static_cast<int>(w.size(0));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = sm_count(y);
+  at::Tensor part;
   dispatch_dtype(y.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int VEC = 16 / sizeof(T);
     const bool vectorized = d % VEC == 0 && aligned16(dy) && aligned16(y) && aligned16(dx) && aligned16(w) &&
-                            aligned16(v);
+                            aligned16(v) && workspace_row % 4 == 0;  // workspace rows 16-byte aligned
     dispatch_experts(e, [&](auto experts) {
       constexpr int E_MAX = decltype(experts)::value;
       using S = BwdShape<E_MAX>;
@@ -715,23 +688,17 @@ void launch_steer_backward(const at::Tensor& dy, const at::Tensor& y, const at::
       const int tile_rows = static_cast<int>(
           std::clamp<int64_t>(ceil_div(ceil_div(n, rounds * max_blocks), 4) * 4, kMinTileRows, kMaxTileRows));
       const int64_t blocks = std::min(ceil_div(n, tile_rows), max_blocks);
-      const int64_t ed = static_cast<int64_t>(e) * d;
-      const int64_t stride = ceil_div(2 * ed + e + 1, 4) * 4;
-      const at::Tensor part = at::empty({blocks, stride}, y.options().dtype(at::kFloat));
-      const size_t smem = (2 * static_cast<size_t>(tile_rows) * E_MAX + warps * (E_MAX + 1)) * sizeof(float);
+      part = at::empty({blocks, workspace_row}, y.options().dtype(at::kFloat));
+      const size_t smem = (2 * static_cast<size_t>(tile_rows) * E_MAX + warps) * sizeof(float);
 
       BwdArgs<T> args{ptr<const T>(dy), ptr<const T>(y), ptr<const float>(gating), ptr<const float>(grad_gating),
                       ptr<const float>(w), ptr<const float>(v), ptr<const float>(scale), ptr<T>(dx),
-                      ptr<float>(part), stride, n, d, e, tile_rows, vectorized};
+                      ptr<float>(dlogits), ptr<float>(part), workspace_row, n, d, e, tile_rows, vectorized};
       steer_bwd_kernel<T, E_MAX><<<static_cast<unsigned>(blocks), warps * kWarp, smem, stream>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const auto reduce_blocks = static_cast<unsigned>(ceil_div(2 * ed + e + 1, kReduceThreads));
-      reduce_partials_kernel<<<reduce_blocks, kReduceThreads, 0, stream>>>(
-          ptr<const float>(part), stride, static_cast<int>(blocks), ed, e, ptr<float>(dw), ptr<float>(dv),
-          ptr<float>(db), ptr<float>(ds));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+  return part;
 }
 
 }  // namespace steermoe

@@ -4,9 +4,10 @@
 //   cuda_forward(x (N, D), weight (E, D), bias (E,)?, vectors (E, D), scale (1,), save_gating, residual (N, D)?)
 //       -> y (N, D) in x's dtype, gating (N, E) fp32, or (0, E) when save_gating is false
 //      (residual: x's shape and dtype; the op then steers h = residual + x, rounded to x's dtype, never stored)
-//   cuda_backward(grad_y (N, D), y (N, D), gating (N, E), weight, vectors, scale, grad_gating (N, E)?)
-//       -> dx (N, D) in y's dtype, dW (E, D), db (E,), dV (E, D), ds (1,) in fp32
-//      (grad_gating: the upstream gradient of the returned gating, when a loss uses it)
+//   cuda_backward(grad_y (N, D), y (N, D), gating (N, E), weight, vectors, scale, grad_gating (N, E)?,
+//                 workspace_row) -> dx (N, D) in y's dtype, dlogits (N, E) fp32, workspace (P, workspace_row) fp32
+//      (grad_gating: the upstream gradient of the returned gating, when a loss uses it; the workspace's layout and
+//      its reduction to dW, db, dV, ds are steermoe/workspace.py's, shared with the Triton backward)
 //
 // x is fp32, bf16 or fp16; the parameters fp32 or x's dtype; 1 <= E <= 64. The backward recomputes
 // x (or h) = y − s·(g V), so only y and the gating are kept from the forward.
@@ -98,9 +99,10 @@ void check_gating(const char* op, const char* name, const at::Tensor& g, const a
               y.device(), ", got ", g.scalar_type(), " ", g.sizes(), " on ", g.device());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_backward(
     const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& gating, const at::Tensor& weight,
-    const at::Tensor& vectors, const at::Tensor& scale, const std::optional<at::Tensor>& grad_gating) {
+    const at::Tensor& vectors, const at::Tensor& scale, const std::optional<at::Tensor>& grad_gating,
+    int64_t workspace_row) {
   constexpr const char* op = "steermoe.cuda_backward";
   check_rows(op, "y", y);
   const int64_t e = check_params(op, y, weight, vectors, scale);
@@ -109,24 +111,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_back
   check_gating(op, "gating", gating, y, e);
   const bool has_grad_gating = grad_gating.has_value() && grad_gating->defined();
   if (has_grad_gating) check_gating(op, "grad_gating", *grad_gating, y, e);
+  const int64_t d = y.size(1);
+  TORCH_CHECK(workspace_row >= 2 * e * d + 1, op, ": workspace_row must be at least 2·E·D + 1 = ", 2 * e * d + 1,
+              ", got ", workspace_row);
   const c10::cuda::CUDAGuard guard(y.device());
 
   const at::Tensor rows = y.contiguous();
   const int64_t n = rows.size(0);
-  const int64_t d = rows.size(1);
   const at::TensorOptions f32 = rows.options().dtype(at::kFloat);
   const at::Tensor dx = at::empty(rows.sizes(), rows.options());
-  if (n == 0) {
-    return {dx, at::zeros({e, d}, f32), at::zeros({e}, f32), at::zeros({e, d}, f32), at::zeros({1}, f32)};
-  }
-  const at::Tensor dw = at::empty({e, d}, f32);
-  const at::Tensor db = at::empty({e}, f32);
-  const at::Tensor dv = at::empty({e, d}, f32);
-  const at::Tensor ds = at::empty({1}, f32);
-  launch_steer_backward(grad_y.to(rows.scalar_type()).contiguous(), rows, as_f32(gating),
-                        has_grad_gating ? as_f32(*grad_gating) : at::Tensor(), as_f32(weight), as_f32(vectors),
-                        as_f32(scale).reshape({1}), dx, dw, db, dv, ds);
-  return {dx, dw, db, dv, ds};
+  const at::Tensor dlogits = at::empty({n, e}, f32);
+  if (n == 0) return {dx, dlogits, at::zeros({1, workspace_row}, f32)};
+  const at::Tensor workspace = launch_steer_backward(
+      grad_y.to(rows.scalar_type()).contiguous(), rows, as_f32(gating),
+      has_grad_gating ? as_f32(*grad_gating) : at::Tensor(), as_f32(weight), as_f32(vectors),
+      as_f32(scale).reshape({1}), dx, dlogits, workspace_row);
+  return {dx, dlogits, workspace};
 }
 
 }  // namespace
@@ -139,7 +139,7 @@ TORCH_LIBRARY_FRAGMENT(steermoe, m) {
   m.def("cuda_forward(Tensor x, Tensor weight, Tensor? bias, Tensor vectors, Tensor scale, bool save_gating,"
         " Tensor? residual=None) -> (Tensor y, Tensor gating)");
   m.def("cuda_backward(Tensor grad_y, Tensor y, Tensor gating, Tensor weight, Tensor vectors, Tensor scale,"
-        " Tensor? grad_gating=None) -> (Tensor dx, Tensor dW, Tensor db, Tensor dV, Tensor ds)");
+        " Tensor? grad_gating, int workspace_row) -> (Tensor dx, Tensor dlogits, Tensor workspace)");
 }
 
 TORCH_LIBRARY_IMPL(steermoe, CUDA, m) {

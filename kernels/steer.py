@@ -18,7 +18,7 @@ Backward (x is never saved):
   2. per D block: dx = dy + dlogits · W (stored), and the program's fp32 partials in its workspace row,
      P_w += dlogitsᵀ · y and P_v += gᵀ · dy (read-modify-write of a private (E, D) slice that stays in L2). A
      barrier after each row block orders its partial stores before the next block's loads in every thread.
-  :func:`reduce_workspace` sums the P rows in one fixed-order reduction and applies dW = Σ P_w − s·(dlogitsᵀ·g)·V
+  :func:`steermoe.workspace.reduce_workspace` sums the P rows in one fixed-order reduction and applies dW = Σ P_w − s·(dlogitsᵀ·g)·V
   (x = y − s·g·V, so dlogitsᵀ·x needs no recomputed x: an E×E correction), db = Σ dlogits, dV = s·Σ P_v:
   gradients are bitwise deterministic for a given device and grid (no float atomics).
 
@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ..workspace import reduce_workspace, workspace_row
 
 INTERPRETER_PROGRAMS = 3  # persistent backward grid under TRITON_INTERPRET (CPU)
 
@@ -265,22 +267,3 @@ def steer_backward(grad_y: Tensor, y: Tensor, gating: Tensor, weight: Tensor, ve
             dlogits, workspace, workspace.shape[1], n, d, HAS_GATING_GRAD=grad_gating is not None, **meta,
             **options)
     return (dx, *reduce_workspace(workspace, dlogits, gating, vectors, scale))
-
-
-def workspace_row(num_experts: int, dim: int) -> int:
-    """Floats per row of the backward's workspace: 2·E·D partial sums and ds, padded to a multiple of 16 so that
-    each row starts 64-byte aligned (with D % 8 == 0) and its tiles load in 16-byte vectors."""
-    return 2 * num_experts * dim + 16
-
-
-def reduce_workspace(workspace: Tensor, dlogits: Tensor, gating: Tensor, vectors: Tensor,
-                     scale: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The backward's (P, 2·E·D + 16) fp32 workspace, rows [Σ dlogitsᵀ·y (E, D) | Σ gᵀ·dy (E, D) | Σ g·u |
-    padding], summed over its P rows in one reduction, and dlogits (N, E) fp32 → fp32 dW = Σ dlogitsᵀ·y −
-    s·(dlogitsᵀ·g)·V (as x = y − s·g·V), db = Σ dlogits, dV = s·Σ gᵀ·dy, ds."""
-    e, d = vectors.shape
-    total = workspace.sum(0)
-    scale = scale.reshape(1).float()
-    correction = (dlogits.t() @ gating) * scale  # (E, E)
-    dw = torch.addmm(total[:e * d].view(e, d), correction, vectors.float(), alpha=-1)
-    return dw, dlogits.sum(0), total[e * d:2 * e * d].view(e, d) * scale, total[2 * e * d:2 * e * d + 1]

@@ -37,8 +37,9 @@ def test_backward_by_hand():
 @pytest.mark.parametrize("shape", [SMALL, Shape(24000, 1280, 8, 2), Shape(24000, 1280, 8, 4),
                                    Shape(24000, 1280, 64, 2, 2), Shape(1001, 384, 33, 2, gating_grad=True)])
 @pytest.mark.parametrize("gpu", sorted(GPUS))
-def test_modelled_bytes_are_at_least_the_minimum(shape, gpu):
-    for kernel, (c, t) in traffic.design_traffic("current", shape, GPUS[gpu]).items():
+@pytest.mark.parametrize("design", sorted(traffic.DESIGNS))
+def test_modelled_bytes_are_at_least_the_minimum(shape, gpu, design):
+    for kernel, (c, t) in traffic.design_traffic(design, shape, GPUS[gpu]).items():
         need = roofline.min_bytes({"forward": "fwd", "backward": "bwd"}[kernel], shape.rows, shape.dim,
                                   shape.experts, shape.elem)
         assert need <= t.hbm_bytes <= t.hbm_overflow <= t.l2_bytes, (kernel, need, t)
@@ -54,6 +55,19 @@ def test_headline_backward_on_h100():
     assert moved["V, sweep 1 (each row block)"] + moved["V and W, sweep 2 (each row block)"] == 750 * 3 * 8 * 1280 * 4
     f, _ = traffic.design_traffic("current", Shape(24000, 1280, 8, 2), GPUS["H100"])["forward"]
     assert (f.programs, f.resident) == (750, 132 * traffic.FORWARD_PER_SM[90])
+
+
+def test_headline_cuda_launches_on_h100():
+    """The CUDA launchers' grids at the headline shape: forward blocks of 4 warps × 4 rows, kept in shared memory;
+    backward 5 warps a block (320 column groups of 4), 2 blocks per SM, tiles of 48 rows; W re-read every 2 rows."""
+    shape = Shape(24000, 1280, 8, 2)
+    launches = traffic.design_traffic("cuda", shape, GPUS["H100"])
+    (f, ft), (b, bt) = launches["forward"], launches["backward"]
+    assert (f.block_m, f.programs, f.resident) == (16, 1500, 528)
+    assert (b.block_m, b.programs, b.resident) == (48, 264, 264)
+    moved = dict((what, n) for what, _, n in bt.terms)
+    assert moved["W, phase 2 (every 2 rows, no L1 reuse assumed: an upper bound)"] == 500 * 24 * 8 * 1280 * 4
+    assert dict((what, n) for what, _, n in ft.terms)["x, pass 2 (from L2 when shared memory cannot keep it)"] == 0
 
 
 def test_printed_by_roofline(capsys):

@@ -26,6 +26,7 @@ import steermoe._cuda
 import steermoe.ops
 from steermoe import available_backends, steer
 from steermoe.testing import GRAD_NAMES, Case, assert_close, differentiable, make_inputs, reference_results
+from steermoe.workspace import workspace_row
 from test_ops import DTYPES, SIZES, VARIANTS
 
 BUILD_HINT = "STEERMOE_BUILD_CUDA=1 pip install --no-build-isolation -e ."
@@ -132,10 +133,12 @@ def test_ops_called_directly(cuda_backend):
     assert y.shape == x.shape and y.dtype == x.dtype and gating.shape == (0, 3)
     y, gating = torch.ops.steermoe.cuda_forward(x, w, None, v, s, True)
     assert gating.shape == (5, 3) and gating.dtype == torch.float32
-    grads = torch.ops.steermoe.cuda_backward(torch.randn_like(y), y, gating, w, v, s)
-    assert [(tuple(t.shape), t.dtype) for t in grads] == [
-        ((5, 33), torch.bfloat16), ((3, 33), torch.float32), ((3,), torch.float32), ((3, 33), torch.float32),
-        ((1,), torch.float32)]
+    dx, dlogits, workspace = torch.ops.steermoe.cuda_backward(torch.randn_like(y), y, gating, w, v, s, None,
+                                                              workspace_row(3, 33))
+    assert [(tuple(t.shape), t.dtype) for t in (dx, dlogits)] == [((5, 33), torch.bfloat16), ((5, 3), torch.float32)]
+    assert workspace.shape[1] == workspace_row(3, 33) and workspace.dtype == torch.float32
+    with pytest.raises(RuntimeError, match=r"workspace_row must be at least 2·E·D \+ 1 = 199, got 198"):
+        torch.ops.steermoe.cuda_backward(torch.randn_like(y), y, gating, w, v, s, None, 198)
     with pytest.raises(RuntimeError, match="1..64 experts, got E=65"):
         torch.ops.steermoe.cuda_forward(x, torch.randn(65, 33, device="cuda"), None,
                                         torch.randn(65, 33, device="cuda"), s, False)
@@ -143,7 +146,7 @@ def test_ops_called_directly(cuda_backend):
 
 # --------------------------------------------------------------------------- the kernels, emulated on CPU
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-EMULATED_LAUNCHES = 3  # forward, backward, reduction
+EMULATED_LAUNCHES = 2  # forward, backward (the reduction: steermoe.workspace)
 TILED_ROWS = 8 * 64 + 37  # over 64 rows for each of the ≤ 8 blocks of kEmulatedSmCount = 1: several tiles each
 WARP_TILED_ROWS = 4 * 64 + 37  # the same for the ≤ 4 blocks of 2 warps (D = 256 bf16 at E = 8, D = 40 at E = 33)
 
@@ -254,11 +257,12 @@ def _check_emulated(ops, shape, experts, dtype, params, misaligned, gating_loss,
         assert torch.equal(y, unfused[0]) and torch.equal(gating, unfused[1])
     y_alone, no_gating = ops.cuda_forward(inputs[0], w, b, v, s, False, *inputs[1:])
     assert torch.equal(y_alone, y) and no_gating.shape == (0, experts)
-    grads = ops.cuda_backward(dy, y, gating, w, v, s, dgating)
+    grads = steermoe._cuda.steer_backward(dy, y, gating, w, v, s, dgating, op=ops.cuda_backward)
     results = dict(zip(("y", "gating", *GRAD_NAMES), (y, gating, *grads)))
     for what, (expected, scale) in reference_results(args, dy, dgating).items():
         assert_close(results[what], expected, scale, dtype, what)
-    for first, again in zip(grads, ops.cuda_backward(dy, y, gating, w, v, s, dgating)):
+    for first, again in zip(grads, steermoe._cuda.steer_backward(dy, y, gating, w, v, s, dgating,
+                                                                op=ops.cuda_backward)):
         assert torch.equal(first, again)
 
 
