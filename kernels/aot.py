@@ -35,7 +35,7 @@ from . import steer as kernels
 X_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARAM_DTYPES = ("float32", "x")  # steer() takes W, b and V in float32 or in x's dtype
 EXPERTS = (1, 8, 20, 33, 64)   # every expert padding: 16, 32, 64
-KERNELS = ("forward", "backward")
+KERNELS = ("forward", "forward+residual", "backward")  # the forward with and without the fused residual add
 ROWS = 24000                   # N = 16 × 1500 frames; N's value is part of the specialisation
 POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 DIVISIBILITY = 16              # Triton's JIT: pointers and integers that are multiples of 16
@@ -81,15 +81,17 @@ def _recorded(calls: List[Launch]):
 def launches(kernel: str, x_dtype: torch.dtype, param_dtype: torch.dtype, num_experts: int, dim: int,
              rows: int = ROWS, config: Optional[dict] = None) -> List[Launch]:
     """The Triton calls ``kernel``'s launcher makes for x (rows, dim) in ``x_dtype``, W, b, V (E, dim) / (E,) in
-    ``param_dtype``, with the bias, the stored gating and the gating's gradient (the fullest variant); ``config``
-    replaces :func:`launch_config`'s. The tensors are CPU allocations, aligned as CUDA ones are."""
+    ``param_dtype``, with the bias, the stored gating and the gating's gradient (the fullest variant), and for
+    "forward+residual" a residual input; ``config`` replaces :func:`launch_config`'s. The tensors are CPU
+    allocations, aligned as CUDA ones are."""
     rows_x = torch.empty((rows, dim), dtype=x_dtype)
     w, v = (torch.empty((num_experts, dim), dtype=param_dtype) for _ in range(2))
     b, s = torch.empty((num_experts,), dtype=param_dtype), torch.empty((1,), dtype=torch.float32)
     calls: List[Launch] = []
     with _recorded(calls):
-        if kernel == "forward":
-            kernels.steer_forward(rows_x, w, b, v, s, save_gating=True, config=config)
+        if kernel.startswith("forward"):
+            residual = torch.empty_like(rows_x) if kernel == "forward+residual" else None
+            kernels.steer_forward(rows_x, w, b, v, s, save_gating=True, config=config, residual=residual)
         else:
             gating, grad_gating = (torch.empty((rows, num_experts), dtype=torch.float32) for _ in range(2))
             kernels.steer_backward(rows_x, torch.empty_like(rows_x), gating, w, v, s, grad_gating, config=config)
@@ -250,7 +252,7 @@ def markdown(rows: List[dict]) -> List[str]:
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     groups: Dict[tuple, Dict[tuple, dict]] = {}
     for r in rows:
-        groups.setdefault((r["fn"], r["dtype"], r["params"]), {})[(r["experts"], r["arch"])] = r
+        groups.setdefault((r["kernel"], r["dtype"], r["params"]), {})[(r["experts"], r["arch"])] = r
     for (_, x, p), by in groups.items():
         def col(get, arch):
             return " / ".join(str(get(by[(e, arch)])) if (e, arch) in by else "–" for e in EXPERTS)

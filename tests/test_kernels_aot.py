@@ -49,9 +49,9 @@ def test_no_register_spills(compiled):
 def test_compiled_with_the_launch_specialisation(compiled):
     """At N = 24000, D = 1280 every pointer (torch allocations are 16-byte aligned) and N, D are multiples of 16:
     the compiled TTIR carries tt.divisibility on each of them."""
-    pointers = {"_steer_fwd_kernel": 8, "_steer_bwd_kernel": 11}  # the backward: 10 and the workspace row length
-    for r in compiled:
-        assert r["divisible"][-2:] == ["N", "D"] and len(r["divisible"]) == pointers[r["fn"]] + 2, r
+    pointers = {"forward": 8, "forward+residual": 8, "backward": 11}  # the backward: 10 and the workspace row
+    for r in compiled:  # (without a residual the forward passes x as R too)
+        assert r["divisible"][-2:] == ["N", "D"] and len(r["divisible"]) == pointers[r["kernel"]] + 2, r
         assert r["divisibility_attrs"] == len(r["divisible"]) and r["ones"] == [], r
 
 
