@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..workspace import reduce_workspace, workspace_row
+from steermoe.workspace import reduce_workspace, workspace_row
 
 INTERPRETER_PROGRAMS = 3  # persistent backward grid under TRITON_INTERPRET (CPU)
 
