@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -147,14 +147,22 @@ def autocast_for(model) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def build_model(m: ModelConfig, device: torch.device):
-    """The :class:`SteerMoEModel` ``m`` describes, its frozen bases loaded from their checkpoints, on ``device``."""
+def build_model(m: ModelConfig, device: torch.device, *, resuming: bool = False):
+    """The :class:`SteerMoEModel` ``m`` describes, its frozen bases loaded from their checkpoints, on ``device``.
+
+    A base that does not exist or does not fit (see :mod:`steermoe.bases`) is a ConfigError naming its key (and,
+    ``resuming``, how to give a moved base's new place)."""
+    from .bases import BaseModelError
     from .model import SteerMoEModel
 
-    return SteerMoEModel.from_pretrained(
-        m.whisper, m.llm, dtype=m.dtype, num_experts=m.num_experts, steering_scale=m.steering_scale,
-        layers=m.layers, downsample=m.downsample, downsample_mode=m.downsample_mode, projector=m.projector,
-        prompt=m.prompt, system_prompt=m.system_prompt, device=device)
+    try:
+        return SteerMoEModel.from_pretrained(
+            m.whisper, m.llm, dtype=m.dtype, num_experts=m.num_experts, steering_scale=m.steering_scale,
+            layers=m.layers, downsample=m.downsample, downsample_mode=m.downsample_mode, projector=m.projector,
+            prompt=m.prompt, system_prompt=m.system_prompt, max_new_tokens=m.max_new_tokens, device=device)
+    except BaseModelError as err:
+        moved = f"; if it moved, pass model.{err.role}=NEW_PATH with --resume" if resuming else ""
+        raise ConfigError(f"model.{err.role}={err.path}: {err.reason}{moved}") from None
 
 
 def open_source(data: DataConfig, paths: List[str], *, tokenizer=None, for_eval: bool = False):
@@ -229,6 +237,10 @@ RESUME_MAY_CHANGE = frozenset({"train.batch_size", "train.grad_accum",
     "train.gradient_checkpointing", "train.max_nonfinite_steps", "train.device", "train.parallel"})
 
 
+# keys that may name a base at a new place, when the run's no longer holds a folder (the base moved)
+MOVABLE_BASES = ("model.whisper", "model.llm")
+
+
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     """``{"train": {"seed": 0}}`` -> ``{"train.seed": 0}``."""
     flat = {}
@@ -240,13 +252,14 @@ def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
-def check_resume_config(cfg: Config, saved_path: str) -> None:
+def check_resume_config(cfg: Config, saved_path: str) -> Dict[str, Tuple[Any, Any]]:
     """Refuse to resume with ``cfg`` when it differs from the run's config (``saved_path``) outside
-    :data:`RESUME_MAY_CHANGE`.
+    :data:`RESUME_MAY_CHANGE`; returns the keys that do differ, ``{key: (saved, current)}``.
 
     Every other key sets the data order (batch_size, grad_accum, seed, data paths and filters) or the optimization
     trajectory (the model, learning rates, schedule, optimizer). Learning rates in particular cannot change: the
-    checkpoint's optimizer state carries the old ones as its base rates. Changing them takes a new run.
+    checkpoint's optimizer state carries the old ones as its base rates. Changing them takes a new run. A base
+    (:data:`MOVABLE_BASES`) may change only when the run's is no longer a folder: the same base, moved.
     """
     if not os.path.isfile(saved_path):
         raise CheckpointError(f"--resume: {saved_path} is missing, so this config cannot be checked against the run's")
@@ -254,13 +267,15 @@ def check_resume_config(cfg: Config, saved_path: str) -> None:
         saved = _flatten(yaml.safe_load(f) or {})
     current = _flatten(cfg.to_dict())
     absent = "<absent>"
-    changed = [f"{key}: {saved.get(key, absent)!r} -> {current.get(key, absent)!r}"
-               for key in sorted(saved.keys() | current.keys())
-               if key not in RESUME_MAY_CHANGE and saved.get(key, absent) != current.get(key, absent)]
+    differ = {key: (saved.get(key, absent), current.get(key, absent)) for key in sorted(saved.keys() | current.keys())
+              if saved.get(key, absent) != current.get(key, absent)}
+    changed = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in differ.items()
+               if key not in RESUME_MAY_CHANGE and not (key in MOVABLE_BASES and not os.path.isdir(str(old)))]
     if changed:
         raise CheckpointError(f"cannot resume with this config: it differs from the run's {saved_path} in keys that "
                               f"set the data order or the optimization trajectory: {'; '.join(changed)}. Restore "
                               "them, or start a new run (another output_dir, or --overwrite)")
+    return differ
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -287,16 +302,19 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
         raise ConfigError(str(err)) from None
     fsdp = tc.parallel == "fsdp"
     resume_from = check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
+    moved = {}          # bases given at a new place on resume
     if resume_from is not None:
-        check_resume_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        changed = check_resume_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        moved = {key: change for key, change in changed.items() if key in MOVABLE_BASES}
     seed_everything(tc.seed)
 
     # ---- model: frozen Whisper encoder + frozen LLM, trainable steering and projector (fp32)
     m = cfg.model
-    model = build_model(m, torch.device("cpu") if fsdp else env.device)   # fsdp: sharded onto the device below
+    model = build_model(m, torch.device("cpu") if fsdp else env.device,   # fsdp: sharded onto the device below
+                        resuming=resume_from is not None)
     if resume_from is not None:
         try:
-            model.load_trainable(resume_from)
+            model.load_trainable(resume_from, check_base=not moved)
         except Exception as err:  # noqa: BLE001 - an unreadable or mismatched checkpoint, however it fails
             raise CheckpointError(f"cannot resume from {resume_from}: {err}") from err
     if tc.gradient_checkpointing:
@@ -331,6 +349,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
         set_rng_state(state["rng"])
         step, nonfinite_total, nonfinite_in_a_row = state["step"], state["nonfinite_total"], state["nonfinite_in_a_row"]
         if env.is_main:
+            for key, (old, new) in moved.items():
+                print(f"{key}: {old} -> {new} (a moved base: it must hold the checkpoint the run trained with)",
+                      flush=True)
             print(f"resuming from step {step} (checkpoint {resume_from})", flush=True)
     scheduler = build_scheduler(optimizer, tc, step)
     batch_iter = iter(train_batches)
