@@ -56,16 +56,30 @@ def lr_lambda(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: flo
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                    step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """The :func:`lr_lambda` schedule, positioned at optimizer step ``step``: every group's lr is set to its base
-    lr (``initial_lr``, kept in the optimizer's state) times ``lr_lambda(step)``.
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> None:
+    """Position the :func:`lr_lambda` schedule at optimizer step ``step``: every group's lr is set to its base lr
+    (``initial_lr``, kept in the optimizer's state; the group's lr when first seen) times ``lr_lambda(step)``.
 
-    The schedule is a function of the step alone, so a resumed run rebuilds it from the step rather than restoring
-    a saved one: with a changed ``max_steps`` the first resumed step already follows the new schedule.
+    The schedule is a function of the step alone, so a resumed run takes it from the step rather than restoring a
+    saved one (with a changed ``max_steps`` the first resumed step already follows the new schedule), and a
+    skipped step moves it on like any other.
     """
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
-        s, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio), last_epoch=step - 1)
+    factor = lr_lambda(step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * factor
+
+
+def skipped_step_message(loss: float, grad_norm: float, scale: float, new_scale: float, overflow: bool) -> str:
+    """Why an optimizer step was skipped, in words: an fp16 loss-scale overflow (``overflow``: the loss is finite,
+    the scaled gradient is not), a non-finite loss, or a non-finite gradient of a finite loss."""
+    if overflow:
+        return (f"fp16 loss scale {scale:g} overflowed the gradients (the loss, {loss:.4f}, is finite); step skipped, "
+                f"scale lowered to {new_scale:g}")
+    what = f"non-finite loss {loss}" if not math.isfinite(loss) else \
+        f"non-finite gradient (norm {grad_norm}) of the finite loss {loss:.4f}"
+    scaled = f", fp16 loss scale {scale:g} -> {new_scale:g}" if scale != new_scale else ""
+    return f"{what}; step skipped{scaled}"
 
 
 def build_optimizer(groups: Dict[str, List[torch.nn.Parameter]], cfg: TrainConfig,
@@ -353,7 +367,6 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
                 print(f"{key}: {old} -> {new} (a moved base: it must hold the checkpoint the run trained with)",
                       flush=True)
             print(f"resuming from step {step} (checkpoint {resume_from})", flush=True)
-    scheduler = build_scheduler(optimizer, tc, step)
     batch_iter = iter(train_batches)
 
     def next_micro_batches():
@@ -418,6 +431,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     num_layers, num_experts = model.encoder.router_bias.shape
     while step < tc.max_steps:
         t_start = time.perf_counter()
+        set_learning_rates(optimizer, tc, step)
         # router health is logged every log_every steps, from the gates the op returns (no extra forward)
         log_health = (step + 1) % tc.log_every == 0
         # this process's sums over its micro-batches: token loss, target tokens, token-weighted aux and z losses,
@@ -464,7 +478,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else math.inf))
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         loss_scale = scaler.get_scale()
-        if math.isfinite(loss) and math.isfinite(grad_norm):   # the same on every process: grads are all-reduced
+        stepped = math.isfinite(loss) and math.isfinite(grad_norm)   # the same on every process: grads are all-reduced
+        if stepped:
             scaler.step(optimizer)
             nonfinite_in_a_row = 0
         else:
@@ -473,12 +488,12 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
             # level (it halves the scale), not divergence: it does not count toward max_nonfinite_steps
             overflow = scaler.is_enabled() and math.isfinite(loss) and loss_scale >= 1
             nonfinite_in_a_row += 0 if overflow else 1
-            say(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}"
-                + (f" at loss scale {loss_scale:g}" if scaler.is_enabled() else "")
-                + f"; step skipped ({nonfinite_in_a_row} in a row, {nonfinite_total} in total)")
         scaler.update()
+        if not stepped:
+            say(f"step {step + 1}: " + skipped_step_message(loss, grad_norm, loss_scale, scaler.get_scale(), overflow)
+                + (f" ({nonfinite_total} skipped in total)" if overflow else
+                   f" ({nonfinite_in_a_row} in a row, {nonfinite_total} in total)"))
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
         step += 1
 
         seconds = time.perf_counter() - t_start
