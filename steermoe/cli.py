@@ -7,12 +7,14 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 from typing import List, Optional
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .interrupts import SignalInterrupt, interrupt_on_stop_signals
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -191,6 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .train import TrainingError
 
     args = _parser().parse_args(argv)
+    restore_signals = interrupt_on_stop_signals()
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, CheckpointError, TrainingError, OSError, ValueError) as err:
@@ -199,10 +202,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"steermoe {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, ConfigError) else EXIT_FAILURE
-    except KeyboardInterrupt:
-        print(f"steermoe {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:    # Ctrl-C, or SIGTERM / SIGUSR1 outside the training loop
+        name, signum = (err.name, err.signum) if isinstance(err, SignalInterrupt) else ("Ctrl-C", signal.SIGINT)
+        print(f"steermoe {args.command}: interrupted ({name})", file=sys.stderr)
+        return 128 + signum
     finally:
+        restore_signals()
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -11,7 +11,9 @@ global token count before clipping, so an update does not depend on how the glob
 loss is scaled (``torch.amp.GradScaler``) for the backward and the gradient unscaled before that division.
 
 SIGTERM or SIGUSR1 (sent by job schedulers before a kill) makes every process finish the current optimizer step;
-the run then writes a checkpoint, says ``interrupted at step N; checkpoint written: ...`` and returns normally.
+the run then writes a checkpoint, says ``interrupted at step N (SIGTERM); last checkpoint step N (PATH)`` and
+returns normally. Ctrl-C stops at once, with the same line naming the last checkpoint written, and so does a
+second SIGTERM or SIGUSR1.
 
 ``--resume`` continues from the newest checkpoint, with the config the run had: only the keys in
 ``RESUME_MAY_CHANGE`` (``max_steps``, logging, evaluation and saving intervals, ...) may differ, and the number of
@@ -22,10 +24,11 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -294,14 +297,48 @@ def check_resume_config(cfg: Config, saved_path: str) -> Dict[str, Tuple[Any, An
 
 # ----------------------------------------------------------------------------------------------- the loop
 
+@dataclass
+class RunProgress:
+    """How far a run got, for the line an interrupt prints: optimizer steps done and the newest checkpoint.
+    ``running``: the loop has begun; ``reporting``: this process prints the line (the main one); ``bar``: the
+    progress bar, closed before the line is printed."""
+    step: int = 0
+    checkpoint_step: Optional[int] = None
+    checkpoint: Optional[str] = None
+    running: bool = False
+    reporting: bool = field(default_factory=lambda: int(os.environ.get("RANK", "0")) == 0)
+    bar: Any = None
+
+    def interrupted(self, how: str) -> str:
+        where = f"at step {self.step}" if self.running else f"before step {self.step + 1}"
+        saved = (f"last checkpoint step {self.checkpoint_step} ({self.checkpoint}); --resume continues from it"
+                 if self.checkpoint else "no checkpoint written yet")
+        return f"interrupted {where} ({how}); {saved}"
+
+
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict[str, Any]:
     """Train as ``cfg`` says; returns ``{"step", "loss", "checkpoint", "eval", "nonfinite_steps", "interrupted"}``
-    (``interrupted``: a SIGTERM or SIGUSR1 stopped the run early, after checkpointing)."""
-    with StopSignals() as stop_signals:
-        return _train(cfg, resume, overwrite, stop_signals)
+    (``interrupted``: a SIGTERM or SIGUSR1 stopped the run early, after checkpointing). Ctrl-C (KeyboardInterrupt)
+    propagates, after a line saying where the run stopped."""
+    progress = RunProgress()
+
+    def forced(signum: int) -> Optional[str]:
+        return progress.interrupted(f"{signal.Signals(signum).name} again: stopped at once") if progress.reporting \
+            else None
+
+    with StopSignals(on_second=forced) as stop_signals:
+        try:
+            return _train(cfg, resume, overwrite, stop_signals, progress)
+        except KeyboardInterrupt:
+            if progress.bar is not None:
+                progress.bar.close()
+            if progress.reporting:
+                print(progress.interrupted("Ctrl-C"), flush=True)
+            raise
 
 
-def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals) -> Dict[str, Any]:
+def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals,
+           progress: RunProgress) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .analysis import load_balancing_loss, router_health, router_z_loss, usage_sums
@@ -315,6 +352,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     except ValueError as err:
         raise ConfigError(str(err)) from None
     fsdp = tc.parallel == "fsdp"
+    progress.reporting = env.is_main
     resume_from = check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
     moved = {}          # bases given at a new place on resume
     if resume_from is not None:
@@ -362,6 +400,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         step, nonfinite_total, nonfinite_in_a_row = state["step"], state["nonfinite_total"], state["nonfinite_in_a_row"]
+        progress.step, progress.checkpoint_step, progress.checkpoint = step, step, resume_from
         if env.is_main:
             for key, (old, new) in moved.items():
                 print(f"{key}: {old} -> {new} (a moved base: it must hold the checkpoint the run trained with)",
@@ -387,7 +426,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     env.barrier()
     log = MetricsLog(os.path.join(cfg.output_dir, METRICS_FILE) if env.is_main else None,
                      resume_step=step if resume_from is not None else None)
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not env.is_main, dynamic_ncols=True, desc="train")
+    bar = progress.bar = tqdm(total=tc.max_steps, initial=step, disable=not env.is_main, dynamic_ncols=True,
+                              desc="train")
 
     def say(message: str) -> None:
         if env.is_main:                 # tqdm.write prints even where the bar is disabled
@@ -429,6 +469,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     loss = float("nan")
     checkpoint_path, eval_summary, interrupted = resume_from, None, False
     num_layers, num_experts = model.encoder.router_bias.shape
+    progress.running = True
     while step < tc.max_steps:
         t_start = time.perf_counter()
         set_learning_rates(optimizer, tc, step)
@@ -495,6 +536,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
                    f" ({nonfinite_in_a_row} in a row, {nonfinite_total} in total)"))
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        progress.step = step
 
         seconds = time.perf_counter() - t_start
         record = {"step": step, "loss": loss, "grad_norm": grad_norm, "tokens": int(tokens), "samples": int(samples),
@@ -530,8 +572,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
             eval_summary = run_eval(step)
         if step % tc.save_every == 0 or step == tc.max_steps or interrupted:
             checkpoint_path = checkpoint()
+            progress.checkpoint_step, progress.checkpoint = step, checkpoint_path
         if interrupted:
-            say(f"interrupted at step {step}; checkpoint written: {checkpoint_path}")
+            received = stop_signals.received
+            say(progress.interrupted(signal.Signals(received).name if received else "stop signal on another process"))
             break
     bar.close()
     if cfg.data.eval and not interrupted:

@@ -467,7 +467,8 @@ def test_a_stop_signal_checkpoints_after_the_step_and_the_resumed_run_is_the_uni
     train_straight_and_killed(tmp_path, monkeypatch, 3, signum=getattr(signal, signum), data="rows5", batch_size=2,
                               max_steps=5)
     out = capfd.readouterr().out
-    assert f"interrupted at step 3; checkpoint written: {step_dir(str(tmp_path / 'killed'), 3)}" in out
+    assert (f"interrupted at step 3 ({signum}); last checkpoint step 3 ({step_dir(str(tmp_path / 'killed'), 3)}); "
+            "--resume continues from it") in out
     assert f"resuming from step 3 (checkpoint {step_dir(str(tmp_path / 'killed'), 3)})" in out
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
     assert_same_trained_weights(tmp_path / "straight", tmp_path / "killed")
