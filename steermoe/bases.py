@@ -33,6 +33,16 @@ def _looks_like_path(name: str) -> bool:
             or (os.sep != "/" and os.sep in name))
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether hub id ``repo_id``'s ``config.json`` is in the local hub cache (loadable offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:          # not a valid hub id
+        return False
+
+
 def check_base_exists(role: str, name: str) -> None:
     """Raise :class:`BaseModelError` unless ``name`` is a folder or may be fetched as a hub id."""
     if os.path.isdir(name):
@@ -41,9 +51,9 @@ def check_base_exists(role: str, name: str) -> None:
         raise BaseModelError(role, name, "is a file; expected a checkpoint folder (config.json, weights, ...)")
     if _looks_like_path(name):
         raise BaseModelError(role, name, "the folder does not exist")
-    if hub_offline():
+    if hub_offline() and not _in_hub_cache(name):
         raise BaseModelError(role, name, "no such folder, and the hub is offline (HF_HUB_OFFLINE) so it cannot be "
-                                         "fetched as a hub id")
+                                         "fetched as a hub id (nor is it in the local hub cache)")
 
 
 @contextlib.contextmanager

@@ -33,6 +33,18 @@ def test_a_hub_id_while_offline_and_a_failed_fetch_name_the_base(tmp_path, capsy
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fails(capsys, train_argv(tmp_path, llm="someorg/somemodel"), 2,
           "model.llm=someorg/somemodel: no such folder, and the hub is offline")
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"                                # offline, a hub id in the local cache still loads
+    snapshot = cache / "models--someorg--somemodel" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--someorg--somemodel" / "refs").mkdir()
+    (cache / "models--someorg--somemodel" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    check_base_exists("llm", "someorg/somemodel")
+    with pytest.raises(BaseModelError, match="the hub is offline"):
+        check_base_exists("llm", "someorg/othermodel")
     monkeypatch.delenv("HF_HUB_OFFLINE")
     check_base_exists("llm", "someorg/somemodel")          # online, a hub id may be fetched
     with pytest.raises(BaseModelError, match="llm checkpoint someorg/somemodel: no such folder, and fetching it as "
