@@ -7,12 +7,14 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 from typing import List, Optional
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .interrupts import SignalInterrupt, interrupt_on_stop_signals
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -83,24 +85,31 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="frozen-weight dtype (default: the checkpoint's; float32 on CPU)")
-    p.add_argument("--max_new_tokens", type=_positive_int, default=128)
+    p.add_argument("--max_new_tokens", type=_positive_int,
+                   help="decoding budget (default: the checkpoint's, model.max_new_tokens of its run)")
     p.add_argument("--whisper", help="Whisper checkpoint to use instead of the one the checkpoint names")
     p.add_argument("--llm", help="LLM checkpoint to use instead of the one the checkpoint names")
 
 
 def _load_model(args):
     """SteerMoEModel from ``--checkpoint`` (frozen bases reloaded from where its config names them)."""
+    from .bases import BaseModelError
     from .checkpoint import resolve_checkpoint
     from .model import SteerMoEModel
     from .train import resolve_device
 
     path = resolve_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
-    overrides = {k: getattr(args, k) for k in ("whisper", "llm", "dtype") if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in ("whisper", "llm", "dtype", "max_new_tokens") if getattr(args, k)}
     if device.type == "cpu":
         overrides.setdefault("dtype", "float32")
     try:
         model = SteerMoEModel.from_trainable(path, device=device, **overrides)
+    except BaseModelError as err:       # e.g. a base folder moved since training, or a wrong --whisper / --llm
+        if err.role in overrides:
+            raise CheckpointError(f"--{err.role} {err.path}: {err.reason}") from None
+        raise CheckpointError(f"checkpoint {path} names the {err.role} checkpoint {err.path}: {err.reason}; pass "
+                              f"--{err.role} PATH to load it from where it is now") from None
     except Exception as err:  # noqa: BLE001 - safetensors, json, torch and transformers each raise their own
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
     return model.eval(), path
@@ -140,7 +149,7 @@ def cmd_eval(args) -> int:
     summary_path = _check_output(args.output) if args.output else None
     model, path = _load_model(args)
     summary = evaluate(model, eval_batches(source, args.batch_size), normalize=text_normalizer(model.config["whisper"]),
-                       max_new_tokens=args.max_new_tokens, records_path=args.output)
+                       records_path=args.output)
     summary = {"checkpoint": path, "data": list(args.data), **summary, "skipped": dict(source.skipped)}
     print(json.dumps({k: v for k, v in summary.items() if k != "gating"}, indent=2))
     if summary["gating"]:
@@ -164,7 +173,7 @@ def cmd_transcribe(args) -> int:
     for path in args.audio:     # a file that cannot be transcribed fails before the model loads
         load_audio_file(path)
     model, _ = _load_model(args)
-    for path, text in zip(args.audio, transcribe_files(model, args.audio, max_new_tokens=args.max_new_tokens)):
+    for path, text in zip(args.audio, transcribe_files(model, args.audio)):
         print(f"{path}\t{text}")
     return 0
 
@@ -184,6 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .train import TrainingError
 
     args = _parser().parse_args(argv)
+    restore_signals = interrupt_on_stop_signals()
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, CheckpointError, TrainingError, OSError, ValueError) as err:
@@ -192,10 +202,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"steermoe {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, ConfigError) else EXIT_FAILURE
-    except KeyboardInterrupt:
-        print(f"steermoe {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:    # Ctrl-C, or SIGTERM / SIGUSR1 outside the training loop
+        name, signum = (err.name, err.signum) if isinstance(err, SignalInterrupt) else ("Ctrl-C", signal.SIGINT)
+        print(f"steermoe {args.command}: interrupted ({name})", file=sys.stderr)
+        return 128 + signum
     finally:
+        restore_signals()
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -12,12 +12,14 @@ what they see without sharding.
 import os
 import signal
 import threading
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .interrupts import STOP_SIGNALS
 
 PARALLEL_MODES = ("ddp", "fsdp")
 FSDP_MIN_TORCH = (2, 6)
@@ -110,21 +112,26 @@ class StopSignals:
 
     ``received`` is the first signal's number (None until one arrives); the training loop reads it after each
     optimizer step, agrees over processes, checkpoints and returns. A second signal ends the process at once (as
-    without the handler: for a process stuck in a collective). The previous handlers come back on exit.
+    without the handler: for a process stuck in a collective), after writing ``on_second(signum)`` (a line, or
+    None for none) to stderr. The previous handlers come back on exit.
     Outside the main thread Python cannot install handlers: nothing is installed and the signals keep their
     default effect.
     """
 
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+    SIGNALS = STOP_SIGNALS
 
-    def __init__(self):
+    def __init__(self, on_second: Optional[Callable[[int], Optional[str]]] = None):
         self.received: Optional[int] = None
+        self.on_second = on_second
         self._previous = {}
 
     def _record(self, signum, frame) -> None:
         if self.received is None:
             self.received = signum
             return
+        message = self.on_second(signum) if self.on_second is not None else None
+        if message:
+            os.write(2, f"{message}\n".encode())    # unbuffered: safe inside a signal handler
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 

@@ -94,7 +94,7 @@ def eval_batches(source, batch_size: int, *, limit: Optional[int] = None, bucket
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable, *, normalize: Callable[[str], str], max_new_tokens: int = 128,
+def evaluate(model, batches: Iterable, *, normalize: Callable[[str], str], max_new_tokens: Optional[int] = None,
              records_path: Optional[str] = None) -> Dict[str, Any]:
     """Greedy transcripts of every batch, scored against their references.
 
@@ -102,6 +102,7 @@ def evaluate(model, batches: Iterable, *, normalize: Callable[[str], str], max_n
     "loss" (mean over target tokens), "gating" (per steered layer, see
     :class:`~steermoe.analysis.GatingAccumulator`)}``. ``records_path`` receives one JSON line per utterance:
     ``{"id", "reference", "hypothesis"}`` (raw texts; the scores use their normalised forms).
+    ``max_new_tokens`` None: the model's own decoding budget.
     """
     from .analysis import GatingAccumulator
     from .train import autocast_for
@@ -134,8 +135,10 @@ def evaluate(model, batches: Iterable, *, normalize: Callable[[str], str], max_n
 
 
 @torch.no_grad()
-def transcribe_files(model, paths: Sequence[str], *, max_new_tokens: int = 128, batch_size: int = 8) -> List[str]:
-    """Greedy transcripts of audio files (any format soundfile reads), in order.
+def transcribe_files(model, paths: Sequence[str], *, max_new_tokens: Optional[int] = None,
+                     batch_size: int = 8) -> List[str]:
+    """Greedy transcripts of audio files (any format soundfile reads), in order (``max_new_tokens`` None: the
+    model's own).
 
     Raises ``ValueError`` naming the file when one cannot be read, decoded or used (see ``load_audio_file``).
     """

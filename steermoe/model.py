@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
 from .audio import LogMel
+from .bases import check_base_exists, check_causal_lm, check_tokenizer, check_whisper, loading
 from .encoder import SteeredWhisperEncoder
 from .fileio import atomic_write, atomic_write_json
 
@@ -36,7 +37,8 @@ _TRANSCRIPT = "<|steermoe:transcript|>"
 _STRUCTURE = ("num_experts", "layers", "downsample", "downsample_mode", "projector")
 _BASES = ("whisper", "llm")
 _BUILD_KEYS = ("whisper", "llm", "dtype", "num_experts", "steering_scale", "layers", "downsample",
-               "downsample_mode", "projector", "prompt", "system_prompt", "device")
+               "downsample_mode", "projector", "prompt", "system_prompt", "max_new_tokens", "device")
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 @dataclass
@@ -189,10 +191,13 @@ class SteerMoEModel(nn.Module):
 
     def __init__(self, encoder: SteeredWhisperEncoder, llm: nn.Module, tokenizer, *, log_mel: Optional[LogMel] = None,
                  downsample: int = 4, downsample_mode: str = "stack", projector: str = "linear",
-                 prompt: str = DEFAULT_PROMPT, system_prompt: Optional[str] = None):
+                 prompt: str = DEFAULT_PROMPT, system_prompt: Optional[str] = None,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
         super().__init__()
         from transformers import GenerationConfig
 
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
         llm.requires_grad_(False)
         self.encoder = encoder
         self.log_mel = log_mel if log_mel is not None else LogMel(encoder.config.num_mel_bins)
@@ -213,6 +218,7 @@ class SteerMoEModel(nn.Module):
             "num_experts": encoder.num_experts, "steering_scale": float(encoder.layer_scales[0].detach()),
             "layers": list(encoder.steered_layers), "downsample": downsample, "downsample_mode": downsample_mode,
             "projector": projector, "prompt": prompt, "system_prompt": system_prompt,
+            "max_new_tokens": max_new_tokens,
             "encoder_hidden_size": encoder.hidden_size, "llm_hidden_size": llm_hidden,
             "trainable_parameters": self.num_trainable_parameters(),
         }
@@ -222,7 +228,8 @@ class SteerMoEModel(nn.Module):
     def from_pretrained(cls, whisper: str, llm: str, *, dtype="bfloat16", num_experts: int = 8,
                         steering_scale: float = 0.1, layers: Optional[Sequence[int]] = None, downsample: int = 4,
                         downsample_mode: str = "stack", projector: str = "linear", prompt: str = DEFAULT_PROMPT,
-                        system_prompt: Optional[str] = None, device=None) -> "SteerMoEModel":
+                        system_prompt: Optional[str] = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                        device=None) -> "SteerMoEModel":
         """Load the frozen bases (Whisper's encoder only; any ``AutoModelForCausalLM`` and its tokenizer).
 
         Args:
@@ -232,6 +239,7 @@ class SteerMoEModel(nn.Module):
             downsample, downsample_mode: frames per LLM position and how they merge (see :class:`Downsampler`).
             projector: ``linear`` or ``mlp``.  prompt: the default instruction.
             system_prompt: the chat template's system message (None: the template's default; see :class:`PromptFormat`).
+            max_new_tokens: the default decoding budget of :meth:`generate` (saved with the trainable weights).
             device: where to put the model.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor
@@ -239,9 +247,13 @@ class SteerMoEModel(nn.Module):
         torch_dtype = DTYPES.get(dtype, dtype)
         if torch_dtype not in DTYPES.values():
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}; got {dtype!r}")
-        encoder = SteeredWhisperEncoder.from_pretrained(whisper, num_experts=num_experts,
-                                                        steering_scale=steering_scale, layers=layers,
-                                                        dtype=torch_dtype)
+        check_base_exists("whisper", whisper)
+        check_base_exists("llm", llm)
+        with loading("whisper", whisper):
+            check_whisper(whisper)
+            encoder = SteeredWhisperEncoder.from_pretrained(whisper, num_experts=num_experts,
+                                                            steering_scale=steering_scale, layers=layers,
+                                                            dtype=torch_dtype)
         try:
             log_mel = LogMel(WhisperFeatureExtractor.from_pretrained(whisper))
         except OSError:   # a checkpoint without preprocessor_config.json: Whisper's defaults
@@ -249,11 +261,14 @@ class SteerMoEModel(nn.Module):
         if log_mel.n_mels != encoder.config.num_mel_bins:
             raise ValueError(f"{whisper}: the feature extractor makes {log_mel.n_mels} mel bins but the encoder "
                              f"takes {encoder.config.num_mel_bins}")
-        lm = AutoModelForCausalLM.from_pretrained(llm, **{_dtype_kwarg(): torch_dtype})
-        tokenizer = AutoTokenizer.from_pretrained(llm)
+        with loading("llm", llm):
+            check_causal_lm(llm)
+            lm = AutoModelForCausalLM.from_pretrained(llm, **{_dtype_kwarg(): torch_dtype})
+            tokenizer = AutoTokenizer.from_pretrained(llm)
+        check_tokenizer(llm, tokenizer)
         model = cls(encoder, lm, tokenizer, log_mel=log_mel, downsample=downsample,
                     downsample_mode=downsample_mode, projector=projector, prompt=prompt,
-                    system_prompt=system_prompt)
+                    system_prompt=system_prompt, max_new_tokens=max_new_tokens)
         model.config["steering_scale"] = steering_scale
         return model.to(device) if device is not None else model
 
@@ -407,14 +422,18 @@ class SteerMoEModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_features: Tensor, attention_mask: Optional[Tensor] = None,
-                 prompts: Optional[Sequence[Optional[str]]] = None, max_new_tokens: int = 128,
+                 prompts: Optional[Sequence[Optional[str]]] = None, max_new_tokens: Optional[int] = None,
                  **generate_kwargs) -> List[str]:
         """Transcribe a batch: greedy (unless ``generate_kwargs`` ask otherwise), batched, with the KV cache.
+
+        ``max_new_tokens`` None: the model's own (``config["max_new_tokens"]``, saved with its trainable weights).
 
         Returns B strings (special tokens removed, stripped); a row's output never depends on the rest of its batch.
         """
         audio, audio_lengths, _ = self._audio(input_features, attention_mask, return_gating=False)
         embeds, mask, _ = self._sequences(audio, audio_lengths, prompts, None, left_pad=True)
+        if max_new_tokens is None:
+            max_new_tokens = self.config["max_new_tokens"]
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                 **generate_kwargs)
         stops = set(self.prompt_format.stop_token_ids)

@@ -11,7 +11,9 @@ global token count before clipping, so an update does not depend on how the glob
 loss is scaled (``torch.amp.GradScaler``) for the backward and the gradient unscaled before that division.
 
 SIGTERM or SIGUSR1 (sent by job schedulers before a kill) makes every process finish the current optimizer step;
-the run then writes a checkpoint, says ``interrupted at step N; checkpoint written: ...`` and returns normally.
+the run then writes a checkpoint, says ``interrupted at step N (SIGTERM); last checkpoint step N (PATH)`` and
+returns normally. Ctrl-C stops at once, with the same line naming the last checkpoint written, and so does a
+second SIGTERM or SIGUSR1.
 
 ``--resume`` continues from the newest checkpoint, with the config the run had: only the keys in
 ``RESUME_MAY_CHANGE`` (``max_steps``, logging, evaluation and saving intervals, ...) may differ, and the number of
@@ -22,11 +24,12 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -56,16 +59,30 @@ def lr_lambda(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: flo
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                    step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """The :func:`lr_lambda` schedule, positioned at optimizer step ``step``: every group's lr is set to its base
-    lr (``initial_lr``, kept in the optimizer's state) times ``lr_lambda(step)``.
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> None:
+    """Position the :func:`lr_lambda` schedule at optimizer step ``step``: every group's lr is set to its base lr
+    (``initial_lr``, kept in the optimizer's state; the group's lr when first seen) times ``lr_lambda(step)``.
 
-    The schedule is a function of the step alone, so a resumed run rebuilds it from the step rather than restoring
-    a saved one: with a changed ``max_steps`` the first resumed step already follows the new schedule.
+    The schedule is a function of the step alone, so a resumed run takes it from the step rather than restoring a
+    saved one (with a changed ``max_steps`` the first resumed step already follows the new schedule), and a
+    skipped step moves it on like any other.
     """
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
-        s, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio), last_epoch=step - 1)
+    factor = lr_lambda(step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * factor
+
+
+def skipped_step_message(loss: float, grad_norm: float, scale: float, new_scale: float, overflow: bool) -> str:
+    """Why an optimizer step was skipped, in words: an fp16 loss-scale overflow (``overflow``: the loss is finite,
+    the scaled gradient is not), a non-finite loss, or a non-finite gradient of a finite loss."""
+    if overflow:
+        return (f"fp16 loss scale {scale:g} overflowed the gradients (the loss, {loss:.4f}, is finite); step skipped, "
+                f"scale lowered to {new_scale:g}")
+    what = f"non-finite loss {loss}" if not math.isfinite(loss) else \
+        f"non-finite gradient (norm {grad_norm}) of the finite loss {loss:.4f}"
+    scaled = f", fp16 loss scale {scale:g} -> {new_scale:g}" if scale != new_scale else ""
+    return f"{what}; step skipped{scaled}"
 
 
 def build_optimizer(groups: Dict[str, List[torch.nn.Parameter]], cfg: TrainConfig,
@@ -147,14 +164,22 @@ def autocast_for(model) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def build_model(m: ModelConfig, device: torch.device):
-    """The :class:`SteerMoEModel` ``m`` describes, its frozen bases loaded from their checkpoints, on ``device``."""
+def build_model(m: ModelConfig, device: torch.device, *, resuming: bool = False):
+    """The :class:`SteerMoEModel` ``m`` describes, its frozen bases loaded from their checkpoints, on ``device``.
+
+    A base that does not exist or does not fit (see :mod:`steermoe.bases`) is a ConfigError naming its key (and,
+    ``resuming``, how to give a moved base's new place)."""
+    from .bases import BaseModelError
     from .model import SteerMoEModel
 
-    return SteerMoEModel.from_pretrained(
-        m.whisper, m.llm, dtype=m.dtype, num_experts=m.num_experts, steering_scale=m.steering_scale,
-        layers=m.layers, downsample=m.downsample, downsample_mode=m.downsample_mode, projector=m.projector,
-        prompt=m.prompt, system_prompt=m.system_prompt, device=device)
+    try:
+        return SteerMoEModel.from_pretrained(
+            m.whisper, m.llm, dtype=m.dtype, num_experts=m.num_experts, steering_scale=m.steering_scale,
+            layers=m.layers, downsample=m.downsample, downsample_mode=m.downsample_mode, projector=m.projector,
+            prompt=m.prompt, system_prompt=m.system_prompt, max_new_tokens=m.max_new_tokens, device=device)
+    except BaseModelError as err:
+        moved = f"; if it moved, pass model.{err.role}=NEW_PATH with --resume" if resuming else ""
+        raise ConfigError(f"model.{err.role}={err.path}: {err.reason}{moved}") from None
 
 
 def open_source(data: DataConfig, paths: List[str], *, tokenizer=None, for_eval: bool = False):
@@ -229,6 +254,10 @@ RESUME_MAY_CHANGE = frozenset({"train.batch_size", "train.grad_accum",
     "train.gradient_checkpointing", "train.max_nonfinite_steps", "train.device", "train.parallel"})
 
 
+# keys that may name a base at a new place, when the run's no longer holds a folder (the base moved)
+MOVABLE_BASES = ("model.whisper", "model.llm")
+
+
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     """``{"train": {"seed": 0}}`` -> ``{"train.seed": 0}``."""
     flat = {}
@@ -240,13 +269,14 @@ def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
-def check_resume_config(cfg: Config, saved_path: str) -> None:
+def check_resume_config(cfg: Config, saved_path: str) -> Dict[str, Tuple[Any, Any]]:
     """Refuse to resume with ``cfg`` when it differs from the run's config (``saved_path``) outside
-    :data:`RESUME_MAY_CHANGE`.
+    :data:`RESUME_MAY_CHANGE`; returns the keys that do differ, ``{key: (saved, current)}``.
 
     Every other key sets the data order (batch_size, grad_accum, seed, data paths and filters) or the optimization
     trajectory (the model, learning rates, schedule, optimizer). Learning rates in particular cannot change: the
-    checkpoint's optimizer state carries the old ones as its base rates. Changing them takes a new run.
+    checkpoint's optimizer state carries the old ones as its base rates. Changing them takes a new run. A base
+    (:data:`MOVABLE_BASES`) may change only when the run's is no longer a folder: the same base, moved.
     """
     if not os.path.isfile(saved_path):
         raise CheckpointError(f"--resume: {saved_path} is missing, so this config cannot be checked against the run's")
@@ -254,25 +284,61 @@ def check_resume_config(cfg: Config, saved_path: str) -> None:
         saved = _flatten(yaml.safe_load(f) or {})
     current = _flatten(cfg.to_dict())
     absent = "<absent>"
-    changed = [f"{key}: {saved.get(key, absent)!r} -> {current.get(key, absent)!r}"
-               for key in sorted(saved.keys() | current.keys())
-               if key not in RESUME_MAY_CHANGE and saved.get(key, absent) != current.get(key, absent)]
+    differ = {key: (saved.get(key, absent), current.get(key, absent)) for key in sorted(saved.keys() | current.keys())
+              if saved.get(key, absent) != current.get(key, absent)}
+    changed = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in differ.items()
+               if key not in RESUME_MAY_CHANGE and not (key in MOVABLE_BASES and not os.path.isdir(str(old)))]
     if changed:
         raise CheckpointError(f"cannot resume with this config: it differs from the run's {saved_path} in keys that "
                               f"set the data order or the optimization trajectory: {'; '.join(changed)}. Restore "
                               "them, or start a new run (another output_dir, or --overwrite)")
+    return differ
 
 
 # ----------------------------------------------------------------------------------------------- the loop
 
+@dataclass
+class RunProgress:
+    """How far a run got, for the line an interrupt prints: optimizer steps done and the newest checkpoint.
+    ``running``: the loop has begun; ``reporting``: this process prints the line (the main one); ``bar``: the
+    progress bar, closed before the line is printed."""
+    step: int = 0
+    checkpoint_step: Optional[int] = None
+    checkpoint: Optional[str] = None
+    running: bool = False
+    reporting: bool = field(default_factory=lambda: int(os.environ.get("RANK", "0")) == 0)
+    bar: Any = None
+
+    def interrupted(self, how: str) -> str:
+        where = f"at step {self.step}" if self.running else f"before step {self.step + 1}"
+        saved = (f"last checkpoint step {self.checkpoint_step} ({self.checkpoint}); --resume continues from it"
+                 if self.checkpoint else "no checkpoint written yet")
+        return f"interrupted {where} ({how}); {saved}"
+
+
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Dict[str, Any]:
     """Train as ``cfg`` says; returns ``{"step", "loss", "checkpoint", "eval", "nonfinite_steps", "interrupted"}``
-    (``interrupted``: a SIGTERM or SIGUSR1 stopped the run early, after checkpointing)."""
-    with StopSignals() as stop_signals:
-        return _train(cfg, resume, overwrite, stop_signals)
+    (``interrupted``: a SIGTERM or SIGUSR1 stopped the run early, after checkpointing). Ctrl-C (KeyboardInterrupt)
+    propagates, after a line saying where the run stopped."""
+    progress = RunProgress()
+
+    def forced(signum: int) -> Optional[str]:
+        return progress.interrupted(f"{signal.Signals(signum).name} again: stopped at once") if progress.reporting \
+            else None
+
+    with StopSignals(on_second=forced) as stop_signals:
+        try:
+            return _train(cfg, resume, overwrite, stop_signals, progress)
+        except KeyboardInterrupt:
+            if progress.bar is not None:
+                progress.bar.close()
+            if progress.reporting:
+                print(progress.interrupted("Ctrl-C"), flush=True)
+            raise
 
 
-def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals) -> Dict[str, Any]:
+def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals,
+           progress: RunProgress) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .analysis import load_balancing_loss, router_health, router_z_loss, usage_sums
@@ -286,17 +352,21 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     except ValueError as err:
         raise ConfigError(str(err)) from None
     fsdp = tc.parallel == "fsdp"
+    progress.reporting = env.is_main
     resume_from = check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
+    moved = {}          # bases given at a new place on resume
     if resume_from is not None:
-        check_resume_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        changed = check_resume_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        moved = {key: change for key, change in changed.items() if key in MOVABLE_BASES}
     seed_everything(tc.seed)
 
     # ---- model: frozen Whisper encoder + frozen LLM, trainable steering and projector (fp32)
     m = cfg.model
-    model = build_model(m, torch.device("cpu") if fsdp else env.device)   # fsdp: sharded onto the device below
+    model = build_model(m, torch.device("cpu") if fsdp else env.device,   # fsdp: sharded onto the device below
+                        resuming=resume_from is not None)
     if resume_from is not None:
         try:
-            model.load_trainable(resume_from)
+            model.load_trainable(resume_from, check_base=not moved)
         except Exception as err:  # noqa: BLE001 - an unreadable or mismatched checkpoint, however it fails
             raise CheckpointError(f"cannot resume from {resume_from}: {err}") from err
     if tc.gradient_checkpointing:
@@ -330,9 +400,12 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         step, nonfinite_total, nonfinite_in_a_row = state["step"], state["nonfinite_total"], state["nonfinite_in_a_row"]
+        progress.step, progress.checkpoint_step, progress.checkpoint = step, step, resume_from
         if env.is_main:
+            for key, (old, new) in moved.items():
+                print(f"{key}: {old} -> {new} (a moved base: it must hold the checkpoint the run trained with)",
+                      flush=True)
             print(f"resuming from step {step} (checkpoint {resume_from})", flush=True)
-    scheduler = build_scheduler(optimizer, tc, step)
     batch_iter = iter(train_batches)
 
     def next_micro_batches():
@@ -353,7 +426,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     env.barrier()
     log = MetricsLog(os.path.join(cfg.output_dir, METRICS_FILE) if env.is_main else None,
                      resume_step=step if resume_from is not None else None)
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not env.is_main, dynamic_ncols=True, desc="train")
+    bar = progress.bar = tqdm(total=tc.max_steps, initial=step, disable=not env.is_main, dynamic_ncols=True,
+                              desc="train")
 
     def say(message: str) -> None:
         if env.is_main:                 # tqdm.write prints even where the bar is disabled
@@ -395,8 +469,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     loss = float("nan")
     checkpoint_path, eval_summary, interrupted = resume_from, None, False
     num_layers, num_experts = model.encoder.router_bias.shape
+    progress.running = True
     while step < tc.max_steps:
         t_start = time.perf_counter()
+        set_learning_rates(optimizer, tc, step)
         # router health is logged every log_every steps, from the gates the op returns (no extra forward)
         log_health = (step + 1) % tc.log_every == 0
         # this process's sums over its micro-batches: token loss, target tokens, token-weighted aux and z losses,
@@ -443,7 +519,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else math.inf))
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         loss_scale = scaler.get_scale()
-        if math.isfinite(loss) and math.isfinite(grad_norm):   # the same on every process: grads are all-reduced
+        stepped = math.isfinite(loss) and math.isfinite(grad_norm)   # the same on every process: grads are all-reduced
+        if stepped:
             scaler.step(optimizer)
             nonfinite_in_a_row = 0
         else:
@@ -452,13 +529,14 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
             # level (it halves the scale), not divergence: it does not count toward max_nonfinite_steps
             overflow = scaler.is_enabled() and math.isfinite(loss) and loss_scale >= 1
             nonfinite_in_a_row += 0 if overflow else 1
-            say(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}"
-                + (f" at loss scale {loss_scale:g}" if scaler.is_enabled() else "")
-                + f"; step skipped ({nonfinite_in_a_row} in a row, {nonfinite_total} in total)")
         scaler.update()
+        if not stepped:
+            say(f"step {step + 1}: " + skipped_step_message(loss, grad_norm, loss_scale, scaler.get_scale(), overflow)
+                + (f" ({nonfinite_total} skipped in total)" if overflow else
+                   f" ({nonfinite_in_a_row} in a row, {nonfinite_total} in total)"))
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
         step += 1
+        progress.step = step
 
         seconds = time.perf_counter() - t_start
         record = {"step": step, "loss": loss, "grad_norm": grad_norm, "tokens": int(tokens), "samples": int(samples),
@@ -494,8 +572,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
             eval_summary = run_eval(step)
         if step % tc.save_every == 0 or step == tc.max_steps or interrupted:
             checkpoint_path = checkpoint()
+            progress.checkpoint_step, progress.checkpoint = step, checkpoint_path
         if interrupted:
-            say(f"interrupted at step {step}; checkpoint written: {checkpoint_path}")
+            received = stop_signals.received
+            say(progress.interrupted(signal.Signals(received).name if received else "stop signal on another process"))
             break
     bar.close()
     if cfg.data.eval and not interrupted:

@@ -127,7 +127,8 @@ def test_sigterm_on_one_rank_stops_all_after_the_step_and_one_process_resumes_th
     (tmp_path / "sigterm_rank1.py").write_text(SIGNAL_ON_RANK_1)
     save_config(buckets_config(tmp_path / "run", batch_size=2), str(tmp_path / "ddp.yaml"))
     proc = torchrun(tmp_path / "ddp.yaml", script=tmp_path / "sigterm_rank1.py")
-    assert f"interrupted at step 3; checkpoint written: {step_dir(str(tmp_path / 'run'), 3)}" in proc.stdout
+    assert (f"interrupted at step 3 (stop signal on another process); last checkpoint step 3 "
+            f"({step_dir(str(tmp_path / 'run'), 3)})") in proc.stdout
     assert [s for s, _ in list_checkpoints(str(tmp_path / "run"))] == [3]
     # the same global batch of 4 on one process with accumulation continues the same sequence of batches
     result = train(buckets_config(tmp_path / "run", batch_size=2, grad_accum=2), resume=True)

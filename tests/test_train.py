@@ -467,14 +467,15 @@ def test_a_stop_signal_checkpoints_after_the_step_and_the_resumed_run_is_the_uni
     train_straight_and_killed(tmp_path, monkeypatch, 3, signum=getattr(signal, signum), data="rows5", batch_size=2,
                               max_steps=5)
     out = capfd.readouterr().out
-    assert f"interrupted at step 3; checkpoint written: {step_dir(str(tmp_path / 'killed'), 3)}" in out
+    assert (f"interrupted at step 3 ({signum}); last checkpoint step 3 ({step_dir(str(tmp_path / 'killed'), 3)}); "
+            "--resume continues from it") in out
     assert f"resuming from step 3 (checkpoint {step_dir(str(tmp_path / 'killed'), 3)})" in out
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
     assert_same_trained_weights(tmp_path / "straight", tmp_path / "killed")
     assert signal.getsignal(getattr(signal, signum)) is signal.SIG_DFL     # the handler is gone after the run
 
 
-def test_non_finite_losses_skip_the_step_and_repeated_ones_stop(tmp_path, monkeypatch):
+def test_non_finite_losses_skip_the_step_and_repeated_ones_stop(tmp_path, monkeypatch, capfd, recwarn):
     from steermoe.model import SteerMoEModel
 
     poisoned = {2, 4, 5}                              # forward calls (one per step here) that return NaN
@@ -493,6 +494,13 @@ def test_non_finite_losses_skip_the_step_and_repeated_ones_stop(tmp_path, monkey
         train(tiny_config(tmp_path, batch_size=4, max_steps=8, save_every=1, max_nonfinite_steps=2))
     records = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
     assert [r["skipped"] for r in records] == [0, 1, 1, 2, 3]
+    out = capfd.readouterr().out
+    assert "step 2: non-finite loss nan; step skipped (1 in a row, 1 in total)" in out
+    assert "step 5: non-finite loss nan; step skipped (2 in a row, 3 in total)" in out
+    cfg = tiny_config(tmp_path, max_steps=8).train    # skipped steps move the schedule on like the others
+    assert [r["lr/router"] for r in records] == [3e-3 * lr_lambda(i, warmup_steps=1, max_steps=8,
+                                                                  min_lr_ratio=cfg.min_lr_ratio) for i in range(5)]
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message)]
     assert math.isnan(records[1]["loss"]) and math.isfinite(records[2]["loss"])
     w1, w2, w3, w4 = (trained_weights(tmp_path, s) for s in (1, 2, 3, 4))
     for key in w1:
@@ -504,7 +512,8 @@ def test_non_finite_losses_skip_the_step_and_repeated_ones_stop(tmp_path, monkey
         train(tiny_config(tmp_path, batch_size=4, max_steps=8, save_every=1, max_nonfinite_steps=2), resume=True)
 
 
-def test_float16_scales_the_loss_and_a_resumed_run_keeps_the_scale_and_the_skip_counts(tmp_path, monkeypatch):
+def test_float16_scales_the_loss_and_a_resumed_run_keeps_the_scale_and_the_skip_counts(tmp_path, monkeypatch, capfd,
+                                                                                        recwarn):
     # the token-summed loss at the initial scale 2**16 overflows the float16 backward: the first steps are skipped
     # (counted, but not toward max_nonfinite_steps) while the scale halves; killed after step 1, the resumed run
     # must carry both on
@@ -517,6 +526,12 @@ def test_float16_scales_the_loss_and_a_resumed_run_keeps_the_scale_and_the_skip_
 
     straight = records("straight")
     assert records("killed") == straight
+    out = capfd.readouterr().out          # the overflows are told as what they are, and nothing warns
+    first = straight[0]
+    assert (f"step 1: fp16 loss scale 65536 overflowed the gradients (the loss, {first['loss']:.4f}, is finite); "
+            "step skipped, scale lowered to 32768 (1 skipped in total)") in out
+    assert "non-finite" not in out
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message)]
     assert [r["skipped"] for r in straight][:2] == [1, 2]          # both sides of the kill skip
     assert straight[-1]["skipped"] < 4                              # and later steps update
     skipped = [r["skipped"] > before for r, before in zip(straight, [0] + [r["skipped"] for r in straight])]
