@@ -23,11 +23,10 @@ def run_module(*argv, code=""):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
-def test_version_from_python_m_and_the_package_metadata():
+def test_version_from_python_m():
     proc = run_module("--version")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"steermoe {steermoe.__version__}\n"
-    assert steermoe.__version__ == importlib.metadata.version("steermoe")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["train", "--help"], ["eval", "--help"],
