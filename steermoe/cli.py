@@ -17,7 +17,8 @@ from . import __version__
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-DESCRIPTION = "Train, evaluate and run SteerMoE: a frozen Whisper encoder, steered layer by layer, feeding a frozen LLM."
+DESCRIPTION = ("Train, evaluate and run SteerMoE: a frozen Whisper encoder, steered layer by layer, feeding a frozen "
+               "LLM.")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
