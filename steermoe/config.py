@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 def _key(default: Any, meaning: str) -> Any:
     """A config key: its default (a list is copied for each instance) and its meaning, which the key table in
-    README.md shows (``python -m steermoe.config --markdown`` writes that table)."""
+    README.md shows (``python -m steermoe.config --readme README.md`` rewrites that table)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"meaning": meaning})
     return field(default=default, metadata={"meaning": meaning})
