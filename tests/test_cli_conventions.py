@@ -3,6 +3,7 @@ defaults, ``info``, and a parser that answers ``--help`` / ``--version`` without
 import argparse
 import importlib.metadata
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -23,10 +24,14 @@ def run_module(*argv, code=""):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
-def test_version_from_python_m():
+def test_version_from_python_m_and_the_console_script():
     proc = run_module("--version")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"steermoe {steermoe.__version__}\n"
+    exe = shutil.which("steermoe")
+    if exe:
+        proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=300)
+        assert (proc.returncode, proc.stdout) == (0, f"steermoe {steermoe.__version__}\n"), proc.stderr
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["train", "--help"], ["eval", "--help"],
