@@ -56,7 +56,7 @@ class _IntermixedParser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steermoe", description=DESCRIPTION, formatter_class=_HelpFormatter,
                                      epilog="Run 'steermoe COMMAND --help' for a command's options.")
-    parser.add_argument("--version", action="version", version=f"steermoe {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"steermoe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands",
                                 parser_class=_IntermixedParser)
 

@@ -34,7 +34,7 @@ def test_version_from_python_m_and_the_console_script():
         assert (proc.returncode, proc.stdout) == (0, f"steermoe {steermoe.__version__}\n"), proc.stderr
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["train", "--help"], ["eval", "--help"],
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["-V"], ["train", "--help"], ["eval", "--help"],
                                   ["info", "--help"]])
 def test_help_and_version_import_neither_torch_nor_transformers(argv):
     code = ("import sys\nfrom steermoe.cli import main\n"
