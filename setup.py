@@ -6,6 +6,7 @@ The extension needs the installed torch at build time, so build it with
 """
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,14 +82,22 @@ def cuda_extension():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+def package_version() -> str:
+    """``__version__`` of steermoe/__init__.py, read as text so that the build never imports the package."""
+    with open(os.path.join(ROOT, "steermoe", "__init__.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
+
+
 ext_modules, cmdclass = cuda_extension()
 
 setup(
     name="steermoe",
-    version="0.1.0",
+    version=package_version(),
     description="Fused SteerMoE: a steered frozen Whisper encoder feeding a frozen LLM",
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     packages=["steermoe", "steermoe.kernels", "steermoe.demo"],
     package_dir={"steermoe": "steermoe", "steermoe.kernels": "kernels"},

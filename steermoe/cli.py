@@ -1,7 +1,9 @@
-"""The ``steermoe`` command: ``train`` | ``eval`` | ``transcribe`` | ``demo``.
+"""The ``steermoe`` command: ``train`` | ``eval`` | ``transcribe`` | ``demo`` | ``info``.
 
 Errors a user can fix (a missing file, a bad config key, an unreadable or mismatched checkpoint) end the command
 with one line on stderr and a non-zero exit code; set ``STEERMOE_DEBUG=1`` to see the traceback instead.
+Parsing imports neither torch nor transformers (``--help`` and ``--version`` answer at once); each command imports
+what it runs.
 """
 import argparse
 import json
@@ -12,12 +14,25 @@ import sys
 import tempfile
 from typing import List, Optional
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
+from . import __version__
 from .interrupts import SignalInterrupt, interrupt_on_stop_signals
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+DESCRIPTION = ("Train, evaluate and run SteerMoE: a frozen Whisper encoder, steered layer by layer, feeding a frozen "
+               "LLM.")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help when it has a default worth naming and does not name one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default is not None and default is not False and default is not argparse.SUPPRESS
+                and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -25,6 +40,10 @@ class _IntermixedParser(argparse.ArgumentParser):
     ``train --config X a=1 --overwrite b=2`` (``parse_intermixed_args`` for the subcommand's arguments)."""
 
     _parsing = False
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
         if self._parsing:          # the intermixed parse's own passes over the options, then the positionals
@@ -37,36 +56,49 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="steermoe", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,transcribe,demo}",
+    parser = argparse.ArgumentParser(prog="steermoe", description=DESCRIPTION, formatter_class=_HelpFormatter,
+                                     epilog="Run 'steermoe COMMAND --help' for a command's options.")
+    parser.add_argument("-V", "--version", action="version", version=f"steermoe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands",
                                 parser_class=_IntermixedParser)
 
     p = sub.add_parser("train", help="train the steering tensors and projector",
-                       description="Train from a YAML config; section.key=value pairs override it.")
+                       description="Train from a YAML config; section.key=value pairs override it "
+                                   "(README: Config keys).")
     p.add_argument("--config", help="YAML run configuration")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     mode.add_argument("--overwrite", action="store_true", help="delete output_dir's checkpoints and start over")
 
-    p = sub.add_parser("eval", help="WER/CER of a checkpoint on whole parquet sets")
+    p = sub.add_parser("eval", help="WER/CER of a checkpoint on whole parquet sets",
+                       description="Greedy WER/CER of a checkpoint on whole parquet sets, with per-layer expert usage.")
     _checkpoint_args(p)
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="parquet files, directories or globs")
     p.add_argument("--output", help="per-utterance JSONL (id, reference, hypothesis); the summary goes next to it "
                                     "as <output>.summary.json")
-    p.add_argument("--batch_size", type=_positive_int, default=8)
-    p.add_argument("--audio_column", default="audio")
-    p.add_argument("--text_column", default="text")
-    p.add_argument("--prompt_column")
-    p.add_argument("--id_column")
+    p.add_argument("--batch_size", type=_positive_int, default=8, help="utterances per forward")
+    p.add_argument("--audio_column", default="audio", help="column holding the audio")
+    p.add_argument("--text_column", default="text", help="column holding the reference transcript")
+    p.add_argument("--prompt_column", help="column holding a per-utterance instruction (default: the model's prompt)")
+    p.add_argument("--id_column", help="column holding the utterance ids (default: <file>:<row>)")
 
-    p = sub.add_parser("transcribe", help="print one transcript per audio file")
+    p = sub.add_parser("transcribe", help="print one transcript per audio file",
+                       description="Print 'PATH<tab>transcript' for each audio file.")
     _checkpoint_args(p)
     p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3)")
 
-    p = sub.add_parser("demo", help="train tiny random models on the bundled speech, offline on CPU")
+    p = sub.add_parser("demo", help="train tiny random models on the bundled speech, offline on CPU",
+                       description="Build tiny random Whisper and LLM checkpoints, train on the bundled speech and "
+                                   "print the loss and WER before and after (offline, CPU, a few minutes).")
     p.add_argument("--output_dir", help="where models, checkpoints and logs go (default: a temporary directory)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of the demo config")
+
+    p = sub.add_parser("info", help="versions, devices and the steering op's backends",
+                       description="Print steermoe's version, the versions of Python, torch, triton and "
+                                   "transformers, the devices, and which backends of the steering op can run on "
+                                   "each (with the reason when one cannot). Paste it into bug reports.")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser
 
 
@@ -86,7 +118,8 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="frozen-weight dtype (default: the checkpoint's; float32 on CPU)")
     p.add_argument("--max_new_tokens", type=_positive_int,
-                   help="decoding budget (default: the checkpoint's, model.max_new_tokens of its run)")
+                   help="greedy decoding budget per utterance (default: the checkpoint's, model.max_new_tokens of "
+                        "its run)")
     p.add_argument("--whisper", help="Whisper checkpoint to use instead of the one the checkpoint names")
     p.add_argument("--llm", help="LLM checkpoint to use instead of the one the checkpoint names")
 
@@ -94,7 +127,7 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
 def _load_model(args):
     """SteerMoEModel from ``--checkpoint`` (frozen bases reloaded from where its config names them)."""
     from .bases import BaseModelError
-    from .checkpoint import resolve_checkpoint
+    from .checkpoint import CheckpointError, resolve_checkpoint
     from .model import SteerMoEModel
     from .train import resolve_device
 
@@ -185,14 +218,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "transcribe": cmd_transcribe, "demo": cmd_demo}
+def cmd_info(args) -> int:
+    from .environment import environment_info, format_environment
+
+    info = environment_info()
+    print(json.dumps(info, indent=2) if args.json else format_environment(info))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "transcribe": cmd_transcribe, "demo": cmd_demo, "info": cmd_info}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``steermoe`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
     from .train import TrainingError
 
-    args = _parser().parse_args(argv)
     restore_signals = interrupt_on_stop_signals()
     try:
         return COMMANDS[args.command](args)

@@ -4,12 +4,16 @@ Sections: ``model`` (what :meth:`SteerMoEModel.from_pretrained` takes), ``data``
 ``train`` (the loop), and the top-level ``output_dir``. An unknown key anywhere is an error naming the key,
 so a typo never trains silently with a default.
 """
+import argparse
 import dataclasses
+import difflib
+import json
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -21,66 +25,82 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and what was expected."""
 
 
+def _key(default: Any, meaning: str) -> Any:
+    """A config key: its default (a list is copied for each instance) and its meaning, which the key table in
+    README.md shows (``python -m steermoe.config --readme README.md`` rewrites that table)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"meaning": meaning})
+    return field(default=default, metadata={"meaning": meaning})
+
+
 @dataclass
 class ModelConfig:
-    whisper: str = ""                     # Whisper checkpoint (directory or hub id); only its encoder is used
-    llm: str = ""                         # any AutoModelForCausalLM checkpoint (directory or hub id)
-    dtype: str = "bfloat16"               # frozen weights: bfloat16 | float16 | float32 (trainables stay fp32)
-    num_experts: int = 8
-    steering_scale: float = 0.1
-    layers: Optional[List[int]] = None    # encoder layers to steer (None: all)
-    downsample: int = 4                   # frames stacked/pooled per LLM token (50 Hz -> 12.5 Hz)
-    downsample_mode: str = "stack"        # stack | avg | max
-    projector: str = "linear"             # linear | mlp
-    prompt: str = "Transcribe the audio."
-    system_prompt: Optional[str] = None   # chat template's system message (None: the template's default)
-    max_new_tokens: int = 128             # greedy decoding budget for evaluation and transcription
+    whisper: str = _key("", "Whisper checkpoint (directory or hub id); only its encoder is used")
+    llm: str = _key("", "any `AutoModelForCausalLM` checkpoint (directory or hub id)")
+    dtype: str = _key("bfloat16", "frozen weights: bfloat16, float16 or float32 (the trainable tensors stay float32)")
+    num_experts: int = _key(8, "steering experts per steered layer (E)")
+    steering_scale: float = _key(0.1, "initial value of every layer's steering scale s_l (0: the encoder starts as "
+                                      "Whisper's own)")
+    layers: Optional[List[int]] = _key(None, "encoder layers to steer (null: all)")
+    downsample: int = _key(4, "encoder frames stacked or pooled per LLM position (4: 50 Hz -> 12.5 Hz)")
+    downsample_mode: str = _key("stack", "how those frames are merged: stack, avg or max")
+    projector: str = _key("linear", "encoder-to-LLM projector: linear or mlp (two layers)")
+    prompt: str = _key("Transcribe the audio.", "instruction in the user turn, after the audio (a row's "
+                                                "`data.prompt_column` value replaces it)")
+    system_prompt: Optional[str] = _key(None, "chat template's system message (null: the template's default)")
+    max_new_tokens: int = _key(128, "greedy decoding budget for evaluation and transcription")
 
 
 @dataclass
 class DataConfig:
-    train: List[str] = field(default_factory=list)   # parquet files, directories or globs
-    eval: List[str] = field(default_factory=list)
-    audio_column: str = "audio"
-    text_column: str = "text"
-    prompt_column: Optional[str] = None
-    id_column: Optional[str] = None
-    min_seconds: Optional[float] = None
-    max_seconds: float = 30.0             # in (0, 30] (Whisper's window); evaluation skips (and counts) longer rows too
-    max_text_tokens: Optional[int] = None
-    bucket_size: Optional[int] = None     # rows sorted by length together, rounded down to a multiple of the global
-                                          # batch (None: 64 global batches)
-    duration_column: Optional[str] = None  # seconds per row: plans length grouping without reading audio headers
+    train: List[str] = _key([], "training parquet files, directories or globs")
+    eval: List[str] = _key([], "evaluation parquet files, directories or globs (empty: no evaluation)")
+    audio_column: str = _key("audio", "column holding the audio")
+    text_column: str = _key("text", "column holding the transcript")
+    prompt_column: Optional[str] = _key(None, "column holding a per-row instruction (null: `model.prompt` for all)")
+    id_column: Optional[str] = _key(None, "column holding the row ids (null: `<file>:<row>`)")
+    min_seconds: Optional[float] = _key(None, "training rows shorter than this are skipped (null: no limit)")
+    max_seconds: float = _key(30.0, "rows longer than this are skipped (and counted), in training and evaluation; "
+                                    "in (0, 30], Whisper's window")
+    max_text_tokens: Optional[int] = _key(None, "training rows whose transcript has more LLM tokens are skipped "
+                                                "(null: no limit)")
+    bucket_size: Optional[int] = _key(None, "rows sorted by length together, rounded down to a multiple of the "
+                                            "global batch (null: 64 global batches)")
+    duration_column: Optional[str] = _key(None, "column of seconds per row: plans length grouping without reading "
+                                                "audio headers")
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 8                   # per process; global batch = batch_size * grad_accum * world size
-    grad_accum: int = 1
-    max_steps: int = 1000                 # optimizer steps
-    warmup_steps: int = 100               # linear warmup, then cosine decay to min_lr_ratio * lr at max_steps
-    min_lr_ratio: float = 0.1
-    lr_router: float = 3e-4               # 1e-3 and above collapse a real Whisper's router (BENCHMARKS.md)
-    lr_vectors: float = 1e-3
-    lr_scales: float = 1e-3
-    lr_projector: float = 2e-4
-    weight_decay: float = 0.01            # weight matrices only (router weights, steering vectors, projector weights)
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0                # global gradient-norm clip (0 disables)
-    seed: int = 0
-    log_every: int = 10                   # steps between metrics lines
-    eval_every: int = 0                   # steps between evaluations (0: only at the end, when data.eval is set)
-    eval_utterances: int = 200            # the first N utterances of data.eval, in file order
-    eval_batch_size: int = 8
-    save_every: int = 500                 # steps between checkpoints (the last step is always saved)
-    keep_checkpoints: int = 2             # newest checkpoints kept (0: all)
-    gradient_checkpointing: bool = False
-    aux_loss_weight: float = 0.0          # load-balancing loss on the router's gating
-    z_loss_weight: float = 0.0            # router z-loss: mean logsumexp(router logits)^2
-    max_nonfinite_steps: int = 10         # consecutive non-finite steps before the run stops (float16 overflows
-                                          # while the loss scale is >= 1 do not count: the scaler halves it)
-    device: str = "auto"                  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    parallel: str = "ddp"                 # ddp: every process holds the frozen bases | fsdp: their layers sharded
+    batch_size: int = _key(8, "utterances per process and step; global batch = batch_size * grad_accum * processes")
+    grad_accum: int = _key(1, "micro-batches accumulated per optimizer step")
+    max_steps: int = _key(1000, "optimizer steps")
+    warmup_steps: int = _key(100, "linear warmup, then cosine decay to min_lr_ratio * lr at max_steps")
+    min_lr_ratio: float = _key(0.1, "final learning rate as a fraction of each group's, in [0, 1]")
+    lr_router: float = _key(3e-4, "learning rate of the router weights and biases (1e-3 and above collapse a real "
+                                  "Whisper's router: BENCHMARKS.md)")
+    lr_vectors: float = _key(1e-3, "learning rate of the steering vectors")
+    lr_scales: float = _key(1e-3, "learning rate of the layer scales")
+    lr_projector: float = _key(2e-4, "learning rate of the projector")
+    weight_decay: float = _key(0.01, "AdamW weight decay, on weight matrices only (router weights, steering "
+                                     "vectors, projector weights)")
+    betas: List[float] = _key([0.9, 0.999], "AdamW betas, two numbers in [0, 1)")
+    grad_clip: float = _key(1.0, "global gradient-norm clip (0 disables)")
+    seed: int = _key(0, "seed of the trainable tensors' initialisation and of the data order")
+    log_every: int = _key(10, "steps between printed progress lines and router-health records (metrics.jsonl "
+                              "logs every step)")
+    eval_every: int = _key(0, "steps between evaluations (0: only at the end, when data.eval is set)")
+    eval_utterances: int = _key(200, "the first N utterances of data.eval, in file order")
+    eval_batch_size: int = _key(8, "utterances per evaluation batch")
+    save_every: int = _key(500, "steps between checkpoints (the last step is always saved)")
+    keep_checkpoints: int = _key(2, "newest checkpoints kept (0: all)")
+    gradient_checkpointing: bool = _key(False, "recompute the frozen encoder layers in the backward to save memory")
+    aux_loss_weight: float = _key(0.0, "weight of the load-balancing loss on the router's gating")
+    z_loss_weight: float = _key(0.0, "weight of the router z-loss: mean logsumexp(router logits)^2")
+    max_nonfinite_steps: int = _key(10, "consecutive non-finite steps before the run stops (float16 overflows while "
+                                        "the loss scale is >= 1 do not count: the scaler halves it)")
+    device: str = _key("auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    parallel: str = _key("ddp", "ddp: every process holds the frozen bases; fsdp: their layers sharded")
 
 
 @dataclass
@@ -88,7 +108,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    output_dir: str = "runs/steermoe"
+    output_dir: str = _key("runs/steermoe", "where config.yaml, metrics.jsonl and checkpoints/ go")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -190,13 +210,75 @@ def _build(cls: type, values: Dict[str, Any], prefix: str) -> Any:
     for key, value in values.items():
         if key not in hints:
             where = f" in '{prefix.rstrip('.')}'" if prefix else ""
-            raise ConfigError(f"unknown config key '{prefix}{key}' (known keys{where}: {', '.join(names)})")
+            raise ConfigError(f"unknown config key '{prefix}{key}'{_suggestion(prefix, key, names)} "
+                              f"(known keys{where}: {', '.join(names)})")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, prefix + key)
     return cls(**kwargs)
+
+
+def _suggestion(prefix: str, key: str, names: Sequence[str]) -> str:
+    """``": did you mean 'train.lr_router'?"`` for ``train.lr_routr``: the same key in another section, else the
+    closest of ``names`` (the keys next to it); ``""`` when none is close."""
+    elsewhere = [name for name, _, _ in _walk(Config, "") if name.rsplit(".", 1)[-1] == key]
+    close = elsewhere or [prefix + name for name in difflib.get_close_matches(key, names, n=1)]
+    return f": did you mean '{close[0]}'?" if close else ""
+
+
+def _walk(cls: type, prefix: str) -> Iterator[Tuple[str, Any, dataclasses.Field]]:
+    """``(dotted key, annotation, field)`` of every key under dataclass ``cls``, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _walk(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, hints[f.name], f
+
+
+def _type_name(tp: Any) -> str:
+    """``Optional[List[int]]`` -> ``list of int, or null``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union:
+        return f"{_type_name(next(a for a in args if a is not type(None)))}, or null"
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(args[0])}"
+    return tp.__name__
+
+
+def config_keys() -> List[Tuple[str, str, str, str]]:
+    """``(key, type, default as YAML, meaning)`` for every config key, in declaration order."""
+    rows = []
+    for name, tp, f in _walk(Config, ""):
+        if "meaning" not in f.metadata:
+            raise ValueError(f"config key '{name}' has no meaning: declare it as _key(default, meaning)")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append((name, _type_name(tp), json.dumps(default), f.metadata["meaning"]))
+    return rows
+
+
+def markdown_table() -> str:
+    """Every config key as a Markdown table: key, type, default, meaning (README.md holds it)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, tp, default, meaning in config_keys():
+        cells = (f"`{name}`", tp, f"`{default}`", meaning)
+        lines.append("| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+TABLE_START = "<!-- config keys: generated by python -m steermoe.config --readme README.md -->\n"
+TABLE_END = "<!-- end of config keys -->"
+
+
+def with_table(readme: str) -> str:
+    """``readme`` (README.md's text) with :func:`markdown_table` between its ``TABLE_START`` and ``TABLE_END``."""
+    head, start, rest = readme.partition(TABLE_START)
+    _, end, tail = rest.partition(TABLE_END)
+    if not (start and end):
+        raise ValueError(f"no config key table: expected the lines {TABLE_START.strip()} and {TABLE_END}")
+    return head + start + markdown_table() + end + tail
 
 
 def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
@@ -255,3 +337,20 @@ def save_config(config: Config, path: str) -> None:
     from .fileio import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m steermoe.config", description="Print every config key: key, "
+                                     "type, default and meaning, tab-separated.")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--markdown", action="store_true", help="print them as a Markdown table")
+    what.add_argument("--readme", metavar="PATH", help="rewrite the table in this README in place")
+    options = parser.parse_args()
+    if options.readme:
+        with open(options.readme, encoding="utf-8") as f:
+            text = f.read()
+        from .fileio import atomic_write_text
+        atomic_write_text(options.readme, with_table(text))
+    else:
+        sys.stdout.write(markdown_table() if options.markdown
+                         else "".join("\t".join(row) + "\n" for row in config_keys()))

@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _cuda  # noqa: F401  (registers torch.ops.steermoe.cuda_* when the extension is built)
+
 BACKENDS = ("torch", "triton", "cuda")
 KERNEL_MAX_EXPERTS = 64
 _IMPL_MODULES = {"torch": "steermoe.reference", "triton": "steermoe.kernels", "cuda": "steermoe._cuda"}

@@ -1,5 +1,6 @@
 """The run configuration: YAML + dotted overrides, type checks, unknown keys named."""
 import os
+import re
 
 import pytest
 import yaml
@@ -51,6 +52,25 @@ def test_ints_widen_to_float_but_not_the_reverse(tmp_path):
 def test_unknown_keys_are_named(tmp_path, values, overrides, key):
     with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
         load_config(write_yaml(tmp_path, values), overrides)
+
+
+@pytest.mark.parametrize("values, overrides, suggestion", [
+    (BASE, ["train.lr_routr=1e-3"], "train.lr_router"),
+    ({**BASE, "data": {"train": ["t.parquet"], "bucketsize": 64}}, [], "data.bucket_size"),
+    (BASE, ["modle.whisper=x"], "model"),
+    (BASE, ["outputdir=x"], "output_dir"),
+    (BASE, ["train.max_seconds=20"], "data.max_seconds"),     # a key of another section
+    (BASE, ["max_steps=3"], "train.max_steps"),
+])
+def test_unknown_keys_suggest_the_nearest_known_key(tmp_path, values, overrides, suggestion):
+    with pytest.raises(ConfigError, match=rf"unknown config key '[^']+': did you mean '{re.escape(suggestion)}'\?"):
+        load_config(write_yaml(tmp_path, values), overrides)
+
+
+def test_unknown_key_without_a_near_one_suggests_nothing(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_yaml(tmp_path, BASE), ["train.qqqq=1"])
+    assert "did you mean" not in str(err.value) and "known keys in 'train': batch_size" in str(err.value)
 
 
 @pytest.mark.parametrize("override, key", [
