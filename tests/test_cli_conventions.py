@@ -61,7 +61,7 @@ def test_help_is_plain_text_and_names_every_default(capsys):
             if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
                 assert f"(default: {action.default})" in text or "default" in action.help, (name, action.dest)
     eval_help = " ".join(parsers["eval"].format_help().split())
-    assert "(default: 8)" in eval_help and "(default: auto)" in eval_help and "(default: 128)" in eval_help
+    assert "(default: 8)" in eval_help and "(default: auto)" in eval_help and "(default: the checkpoint's" in eval_help
     assert "default: None" not in eval_help and "default: False" not in " ".join(parsers["train"].format_help().split())
 
 
