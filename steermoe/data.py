@@ -59,13 +59,15 @@ class SpeechBatch:
     lengths: Tensor
     texts: List[str]
     prompts: List[Optional[str]]
+    positions: Optional[List[int]] = None   # each example's place in its source's order, when batching reorders
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def to(self, device, non_blocking: bool = False) -> "SpeechBatch":
         return SpeechBatch(self.ids, self.waveforms.to(device, non_blocking=non_blocking),
-                           self.lengths.to(device, non_blocking=non_blocking), self.texts, self.prompts)
+                           self.lengths.to(device, non_blocking=non_blocking), self.texts, self.prompts,
+                           self.positions)
 
 
 def collate(examples: Sequence[SpeechExample]) -> SpeechBatch:
