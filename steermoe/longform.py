@@ -20,15 +20,16 @@ HOP_SECONDS = 0.01        # spacing of the candidate cut points
 
 
 def window_bounds(audio: np.ndarray, max_samples: int, *, sample_rate: int = SAMPLE_RATE,
-                  overlap_seconds: float = OVERLAP_SECONDS, search_seconds: float = SEARCH_SECONDS) -> List[Tuple[int, int]]:
+                  overlap_seconds: float = OVERLAP_SECONDS,
+                  search_seconds: float = SEARCH_SECONDS) -> List[Tuple[int, int]]:
     """Windows ``[(start, end), ...]`` (sample indices, end exclusive) covering the (S,) ``audio``, each at most
     ``max_samples`` long.
 
     One window ``[(0, S)]`` when ``S <= max_samples``. Otherwise each cut ``c`` is the centre of the quietest
     (lowest mean-square) ``overlap_seconds`` stretch whose window still fits, searched over the last
     ``search_seconds`` of the window at a 10 ms hop (the latest of equally quiet stretches); the window ends at
-    ``c + overlap / 2`` and the next starts at ``c - overlap / 2``. Every window but the first and last is longer
-    than ``max_samples - search - overlap``, and the last holds at least ``MIN_SAMPLES``.
+    ``c + overlap / 2`` and the next starts at ``c - overlap / 2``. Every window but the last is longer than
+    ``max_samples - search``, and the last holds at least ``MIN_SAMPLES``.
     """
     audio = np.asarray(audio)
     if audio.ndim != 1:
