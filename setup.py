@@ -115,7 +115,7 @@ setup(
         "soundfile>=0.12",
         "jiwer>=3",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "datasets>=2.14"]},
     entry_points={"console_scripts": ["steermoe=steermoe.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -60,6 +60,24 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
     return resample_poly(audio, int(target_sr) // g, int(orig_sr) // g).astype(np.float32, copy=False)
 
 
+def check_audio_file(path: str) -> None:
+    """Raise ``ValueError`` starting with ``path`` when its header says the file cannot be used: not a readable file,
+    not audio libsndfile reads, or shorter than one 25 ms analysis window at 16 kHz (nothing is decoded)."""
+    try:
+        with open(path, "rb"):
+            pass
+        frames, sample_rate = audio_info(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: {(err.strerror or err) if isinstance(err, OSError) else err}") from None
+    _check_length(path, math.ceil(frames * SAMPLE_RATE / sample_rate))
+
+
+def _check_length(path: str, samples: int) -> None:
+    if samples < MIN_SAMPLES:
+        raise ValueError(f"{path}: too short: {samples} samples at {SAMPLE_RATE} Hz; need at least {MIN_SAMPLES} "
+                         "(one 25 ms analysis window)")
+
+
 def load_audio_file(path: str) -> np.ndarray:
     """The audio file at ``path`` as float32 (S,) mono samples at 16 kHz, S >= ``MIN_SAMPLES``.
 
@@ -74,9 +92,7 @@ def load_audio_file(path: str) -> np.ndarray:
     if not np.isfinite(audio).all():
         raise ValueError(f"{path}: {int((~np.isfinite(audio)).sum())} NaN/inf samples")
     audio = resample(audio, sample_rate)
-    if len(audio) < MIN_SAMPLES:
-        raise ValueError(f"{path}: too short: {len(audio)} samples at {SAMPLE_RATE} Hz; need at least {MIN_SAMPLES} "
-                         "(one 25 ms analysis window)")
+    _check_length(path, len(audio))
     return audio
 
 

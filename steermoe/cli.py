@@ -82,11 +82,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text_column", default="text", help="column holding the reference transcript")
     p.add_argument("--prompt_column", help="column holding a per-utterance instruction (default: the model's prompt)")
     p.add_argument("--id_column", help="column holding the utterance ids (default: <file>:<row>)")
+    p.add_argument("--long_form", action="store_true",
+                   help="transcribe utterances over 30 s in windows (scored by WER/CER only); otherwise they are "
+                        "skipped and counted as too_long")
 
     p = sub.add_parser("transcribe", help="print one transcript per audio file",
                        description="Print 'PATH<tab>transcript' for each audio file.")
     _checkpoint_args(p)
-    p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3)")
+    p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3); those over 30 s are transcribed in "
+                                            "windows cut at quiet points")
+    p.add_argument("--batch_size", type=_positive_int, default=8, help="30 s windows transcribed together")
 
     p = sub.add_parser("demo", help="train tiny random models on the bundled speech, offline on CPU",
                        description="Build tiny random Whisper and LLM checkpoints, train on the bundled speech and "
@@ -178,12 +183,18 @@ def cmd_eval(args) -> int:
 
     data = DataConfig(audio_column=args.audio_column, text_column=args.text_column,
                       prompt_column=args.prompt_column, id_column=args.id_column)
+    if args.long_form:
+        data.max_seconds = math.inf
     source = open_source(data, list(args.data), for_eval=True)    # bad data paths fail before the model loads
     summary_path = _check_output(args.output) if args.output else None
     model, path = _load_model(args)
     summary = evaluate(model, eval_batches(source, args.batch_size), normalize=text_normalizer(model.config["whisper"]),
-                       records_path=args.output)
+                       max_new_tokens=args.max_new_tokens, records_path=args.output, long_form=args.long_form,
+                       total=source.num_rows)
     summary = {"checkpoint": path, "data": list(args.data), **summary, "skipped": dict(source.skipped)}
+    if source.skipped["too_long"]:
+        print(f"steermoe eval: {source.skipped['too_long']} utterances over {data.max_seconds:g} s skipped (too_long); "
+              "--long_form transcribes them in windows", file=sys.stderr)
     print(json.dumps({k: v for k, v in summary.items() if k != "gating"}, indent=2))
     if summary["gating"]:
         g = summary["gating"]
@@ -200,15 +211,35 @@ def cmd_eval(args) -> int:
 
 
 def cmd_transcribe(args) -> int:
-    from .audio import load_audio_file
-    from .evaluate import transcribe_files
+    """One ``path<TAB>transcript`` line per file on stdout, in order, and one error line on stderr naming each file
+    that cannot be transcribed; exit 1 when any failed (files whose header cannot be read fail before the model loads,
+    which it does not at all when none can)."""
+    from .audio import check_audio_file
+    from .evaluate import transcribe_paths
 
-    for path in args.audio:     # a file that cannot be transcribed fails before the model loads
-        load_audio_file(path)
-    model, _ = _load_model(args)
-    for path, text in zip(args.audio, transcribe_files(model, args.audio)):
-        print(f"{path}\t{text}")
-    return 0
+    failed = 0
+
+    def fail(err: Exception) -> None:
+        nonlocal failed
+        failed += 1
+        print(f"steermoe transcribe: error: {' '.join(str(err).split())}", file=sys.stderr)
+
+    readable = []
+    for path in args.audio:
+        try:
+            check_audio_file(path)
+            readable.append(path)
+        except ValueError as err:
+            fail(err)
+    if readable:
+        model, _ = _load_model(args)
+        for path, text in transcribe_paths(model, readable, max_new_tokens=args.max_new_tokens,
+                                           batch_size=args.batch_size):
+            if isinstance(text, ValueError):
+                fail(text)
+            else:
+                print(f"{path}\t{text}", flush=True)
+    return EXIT_FAILURE if failed else 0
 
 
 def cmd_demo(args) -> int:

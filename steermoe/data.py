@@ -59,13 +59,15 @@ class SpeechBatch:
     lengths: Tensor
     texts: List[str]
     prompts: List[Optional[str]]
+    positions: Optional[List[int]] = None   # each example's place in its source's order, when batching reorders
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def to(self, device, non_blocking: bool = False) -> "SpeechBatch":
         return SpeechBatch(self.ids, self.waveforms.to(device, non_blocking=non_blocking),
-                           self.lengths.to(device, non_blocking=non_blocking), self.texts, self.prompts)
+                           self.lengths.to(device, non_blocking=non_blocking), self.texts, self.prompts,
+                           self.positions)
 
 
 def collate(examples: Sequence[SpeechExample]) -> SpeechBatch:
@@ -117,20 +119,24 @@ class _Skip(Exception):
 
 
 class ParquetSpeechSource:
-    """Iterable of :class:`SpeechExample` over parquet files, streamed one row group at a time.
+    """Iterable of :class:`SpeechExample` over parquet files (or a ``datasets.Dataset``), one row group at a time.
 
     Audio columns accepted: the ``datasets`` ``Audio`` struct ``{bytes, path}`` (bytes in any format libsndfile
-    reads; a null ``bytes`` falls back to ``path``, absolute or relative to the parquet file), a ``{array,
+    reads; a null ``bytes`` falls back to ``path``: absolute, or relative to the parquet file's folder or the nearest
+    folder above it that holds it, as ``datasets`` writes paths relative to the directory it ran in; for a
+    ``Dataset``, relative to the working directory), a ``{array,
     sampling_rate}`` struct, a binary column of encoded bytes, or a list column of samples with the rate in
     ``sampling_rate_column``. Raw samples are numbers (S,), or number lists (C, S) or (S, C) whose shorter axis is
     taken as the channels; integer PCM is scaled to [-1, 1) as in decoded WAV files. Audio is mixed to mono and
     resampled to 16 kHz.
 
     Args:
-        paths: parquet files, directories or globs (see :func:`resolve_parquet_files`).
+        paths: parquet files, directories or globs (see :func:`resolve_parquet_files`); or a ``datasets.Dataset``
+            or ``pyarrow.Table``, read from its Arrow storage (an ``Audio`` column's encoded bytes or paths, whatever
+            its ``decode`` setting; select, filter and shuffle views included) in row groups of 1024 rows.
         audio_column, text_column: required columns; ``prompt_column``, ``id_column``: optional ones (ids default
-            to ``<file>:<row>``, the file's path relative to the directory holding all the files; an empty prompt
-            means the model's default instruction).
+            to ``<file>:<row>``, the file's path relative to the directory holding all the files, or to the row
+            index of a ``Dataset``; an empty prompt means the model's default instruction).
         min_seconds, max_seconds, max_text_tokens: filters (``max_text_tokens`` needs ``tokenizer``).
         sampling_rate_column: the rate column used with a float list audio column.
         duration_column: an optional column of durations in seconds; :meth:`durations` reads it instead of the
@@ -153,19 +159,22 @@ class ParquetSpeechSource:
         self.sampling_rate_column, self.duration_column = sampling_rate_column, duration_column
         self.min_seconds, self.max_seconds = min_seconds, max_seconds
         self.max_text_tokens, self.tokenizer = max_text_tokens, tokenizer
-        self.files = resolve_parquet_files(paths)
-        self._names = _relative_names(self.files)
+        self._table = _TableReader.of(paths)
+        if self._table is None:
+            self.files = resolve_parquet_files(paths)
+            self._names = _relative_names(self.files)
+        else:
+            self.files, self._names = [f"the {type(paths).__name__}"], [None]
         self.skipped: Counter = Counter()
         self.rows_read = 0
         # (file index, row group, rows, first row's index in its file), and the audio layout per file
         self.units: List[Tuple[int, int, int, int]] = []
         self._audio_kind: List[str] = []
         for index, file in enumerate(self.files):
-            parquet = self._open(file)
-            self._audio_kind.append(self._check_columns(file, parquet.schema_arrow))
+            reader = self._reader(index)
+            self._audio_kind.append(self._check_columns(file, reader.schema_arrow))
             offset = 0
-            for group in range(parquet.metadata.num_row_groups):
-                rows = parquet.metadata.row_group(group).num_rows
+            for group, rows in enumerate(reader.group_rows):
                 self.units.append((index, group, rows, offset))
                 offset += rows
         self._open_file: Tuple[Optional[int], object] = (None, None)
@@ -213,8 +222,8 @@ class ParquetSpeechSource:
 
     def _read_durations(self, unit: int) -> np.ndarray:
         file_index, group, size, _ = self.units[unit]
-        file, kind = self.files[file_index], self._audio_kind[file_index]
-        parquet = self._open(file)
+        file, kind = self._anchor(file_index), self._audio_kind[file_index]
+        parquet = self._reader(file_index)
         if self.duration_column is not None:
             seconds = parquet.read_row_group(group, columns=[self.duration_column]).column(0)
             seconds = seconds.to_numpy().astype(np.float64)
@@ -245,8 +254,9 @@ class ParquetSpeechSource:
         return np.where(known, np.ceil(frames * SAMPLE_RATE / np.where(known, rates, 1)), 0).astype(np.int64)
 
     @staticmethod
-    def _encoded(kind: str, column, i: int, file: str) -> Union[bytes, str]:
-        """Row ``i``'s encoded audio: its bytes, or the path of the file a ``datasets`` row refers to."""
+    def _encoded(kind: str, column, i: int, file: Optional[str]) -> Union[bytes, str]:
+        """Row ``i``'s encoded audio: its bytes, or the path of the file a ``datasets`` row refers to (relative paths
+        resolved from the parquet ``file``; None: from the working directory)."""
         if not column[i].is_valid:
             raise _Skip("missing_audio", "audio is null")
         if kind == "binary":
@@ -288,10 +298,11 @@ class ParquetSpeechSource:
             rates = chunk.column(self.sampling_rate_column).to_pylist() if kind == "samples" else None
             for i, text in enumerate(texts):
                 row = offset + int(rows[position])
-                example_id = str(ids[i]) if ids[i] is not None else f"{self._names[file_index]}:{row}"
+                example_id = (str(ids[i]) if ids[i] is not None else
+                              f"{self._names[file_index]}:{row}" if self._names[file_index] else str(row))
                 try:
                     text = self._check_text(text)
-                    samples = self._check_audio(self._decode(kind, audio, i, rates, file))
+                    samples = self._check_audio(self._decode(kind, audio, i, rates, self._anchor(file_index)))
                     prompt = prompts[i].strip() if isinstance(prompts[i], str) and prompts[i].strip() else None
                     example = SpeechExample(example_id, samples, text, prompt)
                 except _Skip as skip:
@@ -359,22 +370,20 @@ class ParquetSpeechSource:
         return samples
 
     # ------------------------------------------------------------------------------------------- files
-    @staticmethod
-    def _open(file: str):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    def _reader(self, index: int):
+        """File ``index`` opened for reading: ``schema_arrow``, ``group_rows`` and ``read_row_group``."""
+        return self._table if self._table is not None else _ParquetReader(self.files[index])
 
-        try:
-            return pq.ParquetFile(file)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise ValueError(f"{file} is not a readable parquet file: {err}") from None
+    def _anchor(self, index: int) -> Optional[str]:
+        """The parquet file relative audio paths of file ``index`` start from (None: the working directory)."""
+        return None if self._table is not None else self.files[index]
 
     def _row_group(self, unit: int, columns: List[str]):
         """``units[unit]`` as a pyarrow Table of ``columns`` (the last file opened and group read are kept)."""
         if self._last_group[0] != unit:
             file_index, group = self.units[unit][:2]
             if self._open_file[0] != file_index:
-                self._open_file = (file_index, self._open(self.files[file_index]))
+                self._open_file = (file_index, self._reader(file_index))
             self._last_group = (unit, self._open_file[1].read_row_group(group, columns=columns))
         return self._last_group[1]
 
@@ -413,6 +422,62 @@ class ParquetSpeechSource:
             raise ValueError(f"{file} has no column {', '.join(map(repr, missing))}; its columns are: "
                              f"{', '.join(names)}")
         return kind
+
+
+class _ParquetReader:
+    """A parquet file: its Arrow schema, rows per row group, and row groups read as pyarrow Tables."""
+
+    def __init__(self, file: str):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            self._file = pq.ParquetFile(file)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise ValueError(f"{file} is not a readable parquet file: {err}") from None
+        self.schema_arrow = self._file.schema_arrow
+        self.group_rows = [self._file.metadata.row_group(g).num_rows for g in range(self._file.metadata.num_row_groups)]
+
+    def read_row_group(self, group: int, columns: List[str]):
+        return self._file.read_row_group(group, columns=columns)
+
+
+class _TableReader:
+    """A ``datasets.Dataset`` (its Arrow storage, nothing decoded) or a ``pyarrow.Table``, read like a parquet file
+    in row groups of ``GROUP_ROWS`` rows. ``datasets`` is never imported: a Dataset is known by its methods."""
+
+    GROUP_ROWS = 1024
+
+    def __init__(self, data):
+        import pyarrow as pa
+
+        if isinstance(data, pa.Table):
+            self._slice, rows = data.slice, data.num_rows
+        else:
+            arrow = data.with_format("arrow")       # rows as Arrow tables, the select/filter/shuffle view applied
+            self._slice, rows = (lambda start, length: arrow[start:start + length]), len(data)
+        self.schema_arrow = self._slice(0, 0).schema
+        self.group_rows = [min(self.GROUP_ROWS, rows - start) for start in range(0, rows, self.GROUP_ROWS)]
+
+    @classmethod
+    def of(cls, data) -> Optional["_TableReader"]:
+        """A reader for ``data`` when it is a Dataset or Table; None for paths. Other ``datasets`` objects raise."""
+        import pyarrow as pa
+
+        if isinstance(data, pa.Table):
+            return cls(data)
+        if not hasattr(data, "with_format"):     # paths
+            return None
+        if isinstance(data, dict):
+            raise ValueError(f"got a {type(data).__name__} of splits {list(data)}; pass one split, e.g. "
+                             f"data[{next(iter(data), 'train')!r}]")
+        if not (hasattr(data, "with_format") and hasattr(type(data), "__len__")):
+            raise ValueError(f"got a {type(data).__name__}; expected a datasets.Dataset (an IterableDataset has no "
+                             "row count to plan batches with: save it to parquet, or load it without streaming)")
+        return cls(data)
+
+    def read_row_group(self, group: int, columns: List[str]):
+        return self._slice(group * self.GROUP_ROWS, self.group_rows[group]).select(columns)
 
 
 def _relative_names(files: Sequence[str]) -> List[str]:
@@ -470,14 +535,22 @@ def _pcm_to_float(values) -> np.ndarray:
     return samples.astype(np.float32, copy=False)
 
 
-def _referenced_path(path: Optional[str], parquet_file: str) -> Optional[str]:
-    """The audio file a ``datasets`` row refers to (absolute, or relative to the parquet file), if it exists."""
+def _referenced_path(path: Optional[str], parquet_file: Optional[str]) -> Optional[str]:
+    """The audio file a ``datasets`` row refers to, if it exists: ``path`` if absolute; else joined to the nearest
+    folder at or above ``parquet_file`` where that is a file (``datasets`` writes paths relative to the directory it
+    ran in, e.g. ``data/clips/a.wav`` beside ``data/train.parquet``), else relative to the working directory."""
     if not path:
         return None
-    for candidate in (path, os.path.join(os.path.dirname(parquet_file), path)):
-        if os.path.isfile(candidate):
-            return candidate
-    return None
+    if parquet_file is not None and not os.path.isabs(path):
+        folder = os.path.dirname(os.path.abspath(parquet_file))
+        while True:
+            candidate = os.path.join(folder, path)
+            if os.path.isfile(candidate):
+                return candidate
+            if os.path.dirname(folder) == folder:
+                break
+            folder = os.path.dirname(folder)
+    return path if os.path.isfile(path) else None
 
 
 class SpeechBatches:

@@ -441,7 +441,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
         if (env.is_main or fsdp) and cfg.data.eval:
             source = open_source(cfg.data, cfg.data.eval, for_eval=True)
             summary = evaluate(model, eval_batches(source, tc.eval_batch_size, limit=tc.eval_utterances),
-                               normalize=normalize, max_new_tokens=m.max_new_tokens)
+                               normalize=normalize, max_new_tokens=m.max_new_tokens,
+                               total=min(source.num_rows, tc.eval_utterances), progress=None if env.is_main else False)
             gating = summary["gating"]["layers"] if summary["gating"] else []
             log.write({"step": at_step, **{f"eval/{k}": v for k, v in summary.items() if k != "gating"},
                        **{f"eval/router/{k}": [round(layer[k], 5) for layer in gating]

@@ -119,14 +119,16 @@ def test_eval_without_a_usable_row_fails_naming_the_data(tmp_path, capsys):
           f"no usable row in {path}", "missing_text=3")
 
 
-def test_transcribe_names_a_bad_file_before_the_model_loads(tmp_path, capsys, no_model):
-    ok = wav_file(tmp_path / "ok.wav")
+def test_transcribe_names_each_bad_file_and_loads_no_model_when_none_is_usable(tmp_path, capsys, no_model):
     wav_file(tmp_path / "short.wav", samples=100)
     (tmp_path / "garbage.wav").write_bytes(b"not audio at all")
-    for bad, needle in (("garbage.wav", "not audio libsndfile can read"), ("", "Is a directory"),
-                        ("short.wav", "too short")):
-        fails(capsys, ["transcribe", "--checkpoint", "unused", ok, str(tmp_path / bad)], 1,
-              f"{tmp_path / bad}: {needle}")
+    cases = (("garbage.wav", "not audio libsndfile can read"), ("", "Is a directory"), ("short.wav", "too short"),
+             ("missing.wav", "No such file or directory"))
+    for bad, needle in cases:
+        fails(capsys, ["transcribe", "--checkpoint", "unused", str(tmp_path / bad)], 1, f"{tmp_path / bad}: {needle}")
+    assert main(["transcribe", "--checkpoint", "unused", *(str(tmp_path / bad) for bad, _ in cases)]) == 1
+    assert len(capsys.readouterr().err.splitlines()) == len(cases)      # one line each (mixed with good files:
+                                                                        # test_longform)
 
 
 def test_unknown_config_key_and_bad_override(tmp_path, capsys):

@@ -488,3 +488,79 @@ def test_shuffle_reads_each_row_group_once_per_epoch_and_durations_once(corpus, 
             decoding = [i for i, decode in reads if decode]
             assert len(decoding) == len(set(decoding)) >= 4     # groups of 6 rows, buckets of 8 straddling them
             assert sorted(i for i, decode in reads if not decode) == ([] if rank or epoch else list(range(8)))
+
+
+# ------------------------------------------------------------------------ datasets: relative paths, Dataset
+def _clips(root, lengths):
+    """Float WAV files ``{relative path: samples}`` of distinct lengths under ``root``."""
+    clips = {}
+    for i, (rel, n) in enumerate(lengths.items()):
+        clips[rel] = np.full(n, 0.01 * (i + 1), np.float32)
+        os.makedirs(os.path.dirname(root / rel), exist_ok=True)
+        (root / rel).write_bytes(_wav(clips[rel]))
+    return clips
+
+
+def test_relative_audio_paths_resolve_from_the_parquet_folder_or_above_from_any_cwd(tmp_path, monkeypatch):
+    root, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    # beside the parquet file, and (as datasets writes them, from the directory it ran in) from the folder above
+    clips = _clips(root, {"data/clips/a.wav": 1600, "data/clips/b.wav": 2400})
+    _clips(elsewhere, {"clips/a.wav": 4000})                    # a decoy where the working directory would find it
+    rows = [{"audio": {"bytes": None, "path": p}, "text": p, "id": p} for p in ("clips/a.wav", "data/clips/b.wav")]
+    parquet = _write(root / "data" / "train.parquet", rows)
+    monkeypatch.chdir(elsewhere)
+    source = ParquetSpeechSource(parquet, id_column="id")
+    examples = list(source)
+    assert source.skipped == Counter() and [e.id for e in examples] == ["clips/a.wav", "data/clips/b.wav"]
+    for example, rel in zip(examples, ("data/clips/a.wav", "data/clips/b.wav")):
+        np.testing.assert_array_equal(example.audio, clips[rel])
+    assert source.durations(0).tolist() == [1600, 2400]
+    (root / "data" / "clips" / "b.wav").unlink()                  # a path found nowhere: a counted skip
+    assert [e.id for e in ParquetSpeechSource(parquet, id_column="id")] == ["clips/a.wav"]
+
+
+def test_a_datasets_dataset_is_read_from_its_arrow_storage(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    rows = _speech_rows(6)
+    clips = _clips(tmp_path, {"clips/x.wav": 3200})
+    table = {"audio": [r["audio"] for r in rows] + [{"bytes": None, "path": "clips/x.wav"}],
+             "text": [r["text"] for r in rows] + ["by path"], "id": [r["id"] for r in rows] + ["x"]}
+    ds = datasets.Dataset.from_dict(table).cast_column("audio", datasets.Audio())     # storage cast: no encoding
+    assert isinstance(ds.features["audio"], datasets.Audio)
+    monkeypatch.chdir(tmp_path)                        # a Dataset's relative paths: from the working directory
+    view = ds.shuffle(seed=3).select(range(5))         # an indices mapping over the Arrow table
+    expected = [table["id"].index(i) for i in view["id"]]
+    source = ParquetSpeechSource(view, id_column="id")
+    examples = list(source)
+    assert [e.id for e in examples] == view["id"] and source.skipped == Counter() and source.num_rows == 5
+    for example, k in zip(examples, expected):
+        want = clips["clips/x.wav"] if k == 6 else _decode_reference(rows[k]["audio"]["bytes"])
+        np.testing.assert_array_equal(example.audio, want)
+        assert example.text == table["text"][k]
+    assert source.durations(0).tolist() == [len(e.audio) for e in examples]
+    assert [e.id for e in ParquetSpeechSource(ds)][:2] == ["0", "1"]                  # default ids: row indices
+    steps = list(SpeechBatches(source, 2, shuffle=False))
+    assert sorted(i for step in steps for batch in step for i in batch.ids) == sorted(view["id"])
+    arrow = ParquetSpeechSource(ds.data.table, id_column="id")                        # a pyarrow Table too
+    assert [e.id for e in arrow] == table["id"]
+    with pytest.raises(ValueError, match=r"DatasetDict of splits \['train'\]; pass one split, e.g. data\['train'\]"):
+        ParquetSpeechSource(datasets.DatasetDict(train=ds))
+    with pytest.raises(ValueError, match="IterableDataset; expected a datasets.Dataset"):
+        ParquetSpeechSource(ds.to_iterable_dataset())
+    with pytest.raises(ValueError, match="the Dataset has no column 'words'; its columns are: audio, text, id"):
+        ParquetSpeechSource(ds, text_column="words")
+
+
+def test_a_parquet_file_datasets_wrote_is_read_from_another_directory(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    clips = _clips(tmp_path, {"data/clips/a.wav": 2000, "data/clips/b.wav": 2800})
+    monkeypatch.chdir(tmp_path)
+    ds = datasets.Dataset.from_dict({"audio": list(clips), "text": ["a", "b"]}).cast_column("audio", datasets.Audio())
+    ds.to_parquet("data/train.parquet")
+    assert pq.read_table("data/train.parquet").column("audio")[0]["path"].as_py() == "data/clips/a.wav"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    examples = list(ParquetSpeechSource(tmp_path / "data" / "train.parquet"))
+    assert [len(e.audio) for e in examples] == [2000, 2800]

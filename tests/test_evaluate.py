@@ -1,7 +1,9 @@
 """Evaluation: corpus WER/CER against an independent edit distance, normalisation, gating statistics."""
+import io
 import json
 import math
 import random
+import sys
 
 import pytest
 from test_train import SPEECH, tiny_run
@@ -149,3 +151,31 @@ def test_eval_batches_checks_batch_size_and_fails_on_data_without_a_usable_row(t
     with pytest.raises(ValueError, match=r"no usable row in .*unusable.parquet \(3 rows; skipped: missing_text=3\)"):
         list(eval_batches(ParquetSpeechSource(path), 2))
     assert list(eval_batches(ParquetSpeechSource(path), 2, limit=0)) == []      # asked for none: no error
+
+
+def test_eval_records_keep_the_file_order_and_a_progress_bar_counts_utterances(tmp_path, monkeypatch):
+    from steermoe.checkpoint import resolve_checkpoint
+    from steermoe.data import ParquetSpeechSource
+    from steermoe.evaluate import eval_batches, evaluate
+    from steermoe.model import SteerMoEModel
+
+    planted_parquet(tmp_path / "eval.parquet", good_rows=7)
+    source = ParquetSpeechSource(str(tmp_path / "eval.parquet"), id_column="id")
+    ids = [e.id for e in source]
+    served = [i for batch in eval_batches(source, 2) for i in batch.ids]
+    assert sorted(served) == sorted(ids) and served != ids              # length sorting does reorder this set
+    model = SteerMoEModel.from_trainable(resolve_checkpoint(tiny_run()))
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for progress, tty in ((None, False), (None, True), (True, False), (False, True)):  # default: a bar on a TTY
+        out, stderr = tmp_path / f"records-{progress}-{tty}.jsonl", (Terminal if tty else io.StringIO)()
+        monkeypatch.setattr(sys, "stderr", stderr)
+        summary = evaluate(model, eval_batches(source, 2), normalize=text_normalizer(None), max_new_tokens=2,
+                           records_path=str(out), total=source.num_rows, progress=progress)
+        assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ids
+        bar = "eval: " in stderr.getvalue() and f"{len(ids)}/{source.num_rows} " in stderr.getvalue()  # 2 rows skipped
+        assert bar == (tty if progress is None else progress)
+    assert summary["utterances"] == len(ids)
