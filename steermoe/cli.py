@@ -1,4 +1,4 @@
-"""The ``steermoe`` command: ``train`` | ``eval`` | ``transcribe`` | ``demo``.
+"""The ``steermoe`` command: ``train`` | ``eval`` | ``transcribe`` | ``demo`` | ``plot``.
 
 Errors a user can fix (a missing file, a bad config key, an unreadable or mismatched checkpoint) end the command
 with one line on stderr and a non-zero exit code; set ``STEERMOE_DEBUG=1`` to see the traceback instead.
@@ -36,7 +36,7 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steermoe", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,transcribe,demo}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,transcribe,demo,plot}",
                                 parser_class=_IntermixedParser)
 
     p = sub.add_parser("train", help="train the steering tensors and projector",
@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train tiny random models on the bundled speech, offline on CPU")
     p.add_argument("--output_dir", help="where models, checkpoints and logs go (default: a temporary directory)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of the demo config")
+
+    p = sub.add_parser("plot", help="PNG charts of a run's metrics (needs matplotlib: pip install -e \".[plot]\")",
+                       description="Charts of RUN_DIR/metrics.jsonl: loss, learning rates and gradient norm, eval "
+                                   "WER over steps, and the latest eval's gate usage per layer and expert.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir")
+    p.add_argument("--output_dir", help="where the PNGs go (default: RUN_DIR/plots)")
     return parser
 
 
@@ -176,7 +182,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "transcribe": cmd_transcribe, "demo": cmd_demo}
+def cmd_plot(args) -> int:
+    from .plot import plot_run
+
+    for name, path in plot_run(args.run_dir, args.output_dir).items():
+        print(f"{name}: {path}" if path else f"{name}: nothing to plot (no such records in the metrics)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "transcribe": cmd_transcribe, "demo": cmd_demo, "plot": cmd_plot}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -186,7 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, CheckpointError, TrainingError, OSError, ValueError) as err:
+    except (ConfigError, CheckpointError, TrainingError, OSError, ValueError, ImportError) as err:
         if os.environ.get("STEERMOE_DEBUG"):
             raise
         message = " ".join(str(err).split()) or type(err).__name__
