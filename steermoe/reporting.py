@@ -53,9 +53,13 @@ class TensorBoardReporter:
         self.writer.close()
 
 
+def tensorboard_installed() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 def check_report_to(report_to: str) -> None:
     """Raise ConfigError when ``train.report_to`` names a backend whose package is not installed."""
-    if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+    if report_to == "tensorboard" and not tensorboard_installed():
         raise ConfigError("train.report_to=tensorboard needs the tensorboard package: pip install -e "
                           "\".[tensorboard]\" (or pip install tensorboard), or set train.report_to=none")
 

@@ -34,16 +34,14 @@ def test_scalar_tags_follow_the_trainer_names():
 def test_report_to_is_checked(monkeypatch):
     with pytest.raises(ConfigError, match="train.report_to' must be none or tensorboard, got 'wandb'"):
         tiny_config("unused", report_to="wandb")
-    real_find_spec = steermoe.reporting.importlib.util.find_spec
-    monkeypatch.setattr(steermoe.reporting.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
+    monkeypatch.setattr(steermoe.reporting, "tensorboard_installed", lambda: False)
     check_report_to("none")
     with pytest.raises(ConfigError, match=r'needs the tensorboard package: pip install -e "\.\[tensorboard\]"'):
         check_report_to("tensorboard")
 
 
 def test_a_missing_tensorboard_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(steermoe.reporting.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(steermoe.reporting, "tensorboard_installed", lambda: False)
     monkeypatch.setattr(steermoe.train, "build_model", lambda *a: pytest.fail("the model was loaded"))
     a = tiny_assets()
     argv = ["train", f"model.whisper={a['whisper']}", f"model.llm={a['llm']}", f"data.train={a['rows4']}",
@@ -72,7 +70,7 @@ class FakeWriter:
 
 def test_training_mirrors_every_metrics_record_to_tensorboard(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
-    monkeypatch.setattr(steermoe.reporting.importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(steermoe.reporting, "tensorboard_installed", lambda: True)
     FakeWriter.made.clear()
     train(tiny_config(tmp_path, batch_size=2, max_steps=STEPS, report_to="tensorboard",
                       logging_dir=tmp_path / "tb"))
@@ -87,7 +85,7 @@ def test_training_mirrors_every_metrics_record_to_tensorboard(tmp_path, monkeypa
 @functools.lru_cache(maxsize=None)
 def evaluated_run(root: str) -> str:
     """A three-step run with an evaluation after each step, TensorBoard on when the package is there."""
-    report_to = "tensorboard" if steermoe.reporting.importlib.util.find_spec("tensorboard") else "none"
+    report_to = "tensorboard" if steermoe.reporting.tensorboard_installed() else "none"
     a = tiny_assets()
     train(load_config(None, [
         f"model.whisper={a['whisper']}", f"model.llm={a['llm']}", "model.dtype=float32", "model.num_experts=3",
