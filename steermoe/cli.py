@@ -1,4 +1,4 @@
-"""The ``steermoe`` command: ``train`` | ``eval`` | ``transcribe`` | ``demo`` | ``info``.
+"""The ``steermoe`` command: ``train`` | ``eval`` | ``transcribe`` | ``demo`` | ``plot`` | ``info``.
 
 Errors a user can fix (a missing file, a bad config key, an unreadable or mismatched checkpoint) end the command
 with one line on stderr and a non-zero exit code; set ``STEERMOE_DEBUG=1`` to see the traceback instead.
@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
                                    "print the loss and WER before and after (offline, CPU, a few minutes).")
     p.add_argument("--output_dir", help="where models, checkpoints and logs go (default: a temporary directory)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of the demo config")
+
+    p = sub.add_parser("plot", help="PNG charts of a run's metrics (needs matplotlib: pip install -e \".[plot]\")",
+                       description="Charts of RUN_DIR/metrics.jsonl: loss, learning rates and gradient norm, eval "
+                                   "WER over steps, and the latest eval's gate usage per layer and expert.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output_dir")
+    p.add_argument("--output_dir", help="where the PNGs go (default: RUN_DIR/plots)")
 
     p = sub.add_parser("info", help="versions, devices and the steering op's backends",
                        description="Print steermoe's version, the versions of Python, torch, triton and "
@@ -249,6 +255,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .plot import plot_run
+
+    for name, path in plot_run(args.run_dir, args.output_dir).items():
+        print(f"{name}: {path}" if path else f"{name}: nothing to plot (no such records in the metrics)")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .environment import environment_info, format_environment
 
@@ -257,7 +271,8 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "transcribe": cmd_transcribe, "demo": cmd_demo, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "transcribe": cmd_transcribe, "demo": cmd_demo, "plot": cmd_plot,
+            "info": cmd_info}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -270,7 +285,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     restore_signals = interrupt_on_stop_signals()
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, CheckpointError, TrainingError, OSError, ValueError) as err:
+    except (ConfigError, CheckpointError, TrainingError, OSError, ValueError, ImportError) as err:
         if os.environ.get("STEERMOE_DEBUG"):
             raise
         message = " ".join(str(err).split()) or type(err).__name__

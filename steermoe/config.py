@@ -19,6 +19,7 @@ import yaml
 
 
 WHISPER_SECONDS = 30.0                    # the longest input Whisper's encoder takes
+REPORT_TO = ("none", "tensorboard")       # train.report_to: where metrics go besides metrics.jsonl
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,9 @@ class TrainConfig:
                                         "the loss scale is >= 1 do not count: the scaler halves it)")
     device: str = _key("auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     parallel: str = _key("ddp", "ddp: every process holds the frozen bases; fsdp: their layers sharded")
+    report_to: str = _key("none", "none or tensorboard (also log the metrics as TensorBoard scalars: pip install -e "
+                                  "\".[tensorboard]\")")
+    logging_dir: Optional[str] = _key(None, "folder of the TensorBoard event files (None: <output_dir>/runs)")
 
 
 @dataclass
@@ -149,6 +153,7 @@ class Config:
         _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
                  "two numbers in [0, 1)", t.betas)
         _require(t.parallel in ("ddp", "fsdp"), "train.parallel", "ddp or fsdp", t.parallel)
+        _require(t.report_to in REPORT_TO, "train.report_to", " or ".join(REPORT_TO), t.report_to)
         _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", ">= 1", t.max_nonfinite_steps)
         _require(bool(self.output_dir), "output_dir", "a directory path")
         return self

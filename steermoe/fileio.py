@@ -1,8 +1,10 @@
 """Durable atomic file writes: a temporary sibling, flushed to disk, then a rename, so readers (and a machine that
-lost power) see the old file or the new one, never half."""
+lost power) see the old file or the new one, never half; and the reader of the JSONL metrics log."""
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Dict, List
+
+METRICS_FILE = "metrics.jsonl"                # a training run's metrics log, in its output_dir
 
 
 def fsync_path(path: str) -> None:
@@ -39,3 +41,9 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+    """The records of a JSONL metrics log (``metrics.jsonl``), in file order."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

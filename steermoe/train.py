@@ -40,9 +40,7 @@ from .checkpoint import (CheckpointError, check_output_dir, load_training_state,
                          save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
 from .distributed import StopSignals, all_reduce_gradients, check_parallel, placeholder_batch, shard_frozen_bases
-from .fileio import atomic_write_text
-
-METRICS_FILE = "metrics.jsonl"
+from .fileio import METRICS_FILE, atomic_write_text, read_metrics  # noqa: F401 - read_metrics: re-exported
 
 
 class TrainingError(RuntimeError):
@@ -209,10 +207,12 @@ class MetricsLog:
 
     On resume, lines from beyond the resumed step (written by the interrupted run) are dropped first, and so is a
     last line the interrupted run left half-written (with a warning); an unreadable line before it is an error.
+    ``mirror``: an object whose ``write(record)`` gets every record too (``steermoe.reporting``), closed by
+    :meth:`close`.
     """
 
-    def __init__(self, path: Optional[str], resume_step: Optional[int] = None):
-        self.path = path
+    def __init__(self, path: Optional[str], resume_step: Optional[int] = None, mirror=None):
+        self.path, self.mirror = path, mirror
         if path is None:
             return
         kept = []
@@ -238,11 +238,12 @@ class MetricsLog:
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.mirror is not None:
+            self.mirror.write(record)
 
-
-def read_metrics(path: str) -> List[Dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    def close(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
 
 
 # keys a resumed run may change: they touch neither the data order nor the optimization trajectory, except that a
@@ -251,7 +252,8 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
 RESUME_MAY_CHANGE = frozenset({"train.batch_size", "train.grad_accum",
     "output_dir", "model.max_new_tokens", "data.eval", "train.max_steps", "train.log_every", "train.eval_every",
     "train.eval_utterances", "train.eval_batch_size", "train.save_every", "train.keep_checkpoints",
-    "train.gradient_checkpointing", "train.max_nonfinite_steps", "train.device", "train.parallel"})
+    "train.gradient_checkpointing", "train.max_nonfinite_steps", "train.device", "train.parallel",
+    "train.report_to", "train.logging_dir"})
 
 
 # keys that may name a base at a new place, when the run's no longer holds a folder (the base moved)
@@ -344,8 +346,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     from .analysis import load_balancing_loss, router_health, router_z_loss, usage_sums
     from .data import SpeechBatches
     from .evaluate import eval_batches, evaluate, text_normalizer
+    from .reporting import check_report_to, open_reporter
 
     tc = cfg.train
+    check_report_to(tc.report_to)
     env = init_distributed(tc.device)
     try:
         check_parallel(tc.parallel, env.world_size)
@@ -424,8 +428,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     env.barrier()
+    reporter = open_reporter(tc.report_to, tc.logging_dir, cfg.output_dir, step) if env.is_main else None
     log = MetricsLog(os.path.join(cfg.output_dir, METRICS_FILE) if env.is_main else None,
-                     resume_step=step if resume_from is not None else None)
+                     resume_step=step if resume_from is not None else None, mirror=reporter)
     bar = progress.bar = tqdm(total=tc.max_steps, initial=step, disable=not env.is_main, dynamic_ncols=True,
                               desc="train")
 
@@ -446,7 +451,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
             gating = summary["gating"]["layers"] if summary["gating"] else []
             log.write({"step": at_step, **{f"eval/{k}": v for k, v in summary.items() if k != "gating"},
                        **{f"eval/router/{k}": [round(layer[k], 5) for layer in gating]
-                          for k in ("usage_entropy", "top_share")}})
+                          for k in ("usage_entropy", "top_share")},
+                       # per steered layer (keyed by its index), each expert's mean gate: steermoe plot's heatmap
+                       "eval/router/usage": {str(layer["layer"]): [round(u, 5) for u in layer["usage"]]
+                                             for layer in gating}})
             say(f"step {at_step}: eval WER {summary['wer']:.2%} CER {summary['cer']:.2%} "
                       f"loss {summary['loss']:.4f} on {summary['utterances']} utterances")
         env.barrier()
@@ -581,6 +589,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     bar.close()
     if cfg.data.eval and not interrupted:
         eval_summary = run_eval(step)
+    log.close()
     return {"step": step, "loss": loss, "checkpoint": checkpoint_path, "eval": eval_summary,
             "nonfinite_steps": nonfinite_total, "interrupted": interrupted}
 

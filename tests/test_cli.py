@@ -212,12 +212,18 @@ def test_console_script_reports_one_line_and_fails(tmp_path):
     assert proc.returncode == 2 and "config file not found" in proc.stderr
 
 
-def test_demo_runs_end_to_end_and_reruns_in_place(tmp_path, capsys):
+def test_demo_runs_end_to_end_and_reruns_in_place(tmp_path, capsys, monkeypatch):
+    import steermoe.demo.demo
+
+    monkeypatch.setitem(steermoe.demo.demo.LLM_PRETRAINING, "steps", 2)
     argv = ["demo", "--output_dir", str(tmp_path), "train.max_steps=2", "train.save_every=2",
             "train.eval_utterances=3", "model.max_new_tokens=2"]
     for _ in range(2):                                 # a rerun replaces the previous demo run
         assert main(argv) == 0
         out = capsys.readouterr().out
-        assert "before training: WER" in out and "training loss" in out and "WER " in out.split("4/4")[1]
+        assert "before training: train (3 utterances): WER" in out and "held-out (3 utterances): WER" in out
+        summary = out.split("4/4")[1]
+        assert "training loss" in summary and "train utterances: WER" in summary
+        assert "held-out utterances: WER" in summary and "train from pretrained checkpoints" in summary
     assert [s for s, _ in list_checkpoints(str(tmp_path / "run"))] == [2]
     assert os.path.isfile(tmp_path / "models" / "tiny-llm" / "config.json")

@@ -3,6 +3,7 @@
 Used by ``steermoe demo`` and the tests; nothing here is downloaded.
 """
 import os
+from typing import Sequence, Tuple
 
 import torch
 
@@ -104,3 +105,43 @@ def build_tiny_llm(path: str, *, arch: str = "llama", hidden_size: int = 64, lay
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def pretrain_tiny_llm(path: str, texts: Sequence[str], *, prompt: str, steps: int = 200, batch_size: int = 32,
+                      lr: float = 3e-3, seed: int = 0) -> Tuple[float, float]:
+    """Teach the LLM at ``path`` (overwritten in place) to repeat a text, the skill a pretrained LLM brings.
+
+    Each sequence is the chat layout :class:`~steermoe.model.SteerMoEModel` trains with, the text of ``texts``
+    standing where the audio goes and again as the answer; the loss is on the answer's tokens (and the end token).
+    Returns the mean loss (nats/token) of the first and the last 10 steps.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..model import PromptFormat
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).train()
+    fmt = PromptFormat(tokenizer, prompt)
+    pre, post = fmt.around_audio()
+    rows = []
+    for text in texts:
+        context = pre + tokenizer(text, add_special_tokens=False)["input_ids"] + post
+        answer = fmt.target(text)
+        rows.append((context + answer, [-100] * len(context) + answer))
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        batch = [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=generator).tolist()]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([s + [fmt.pad_token_id] * (width - len(s)) for s, _ in batch])
+        labels = torch.tensor([t + [-100] * (width - len(t)) for _, t in batch])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in batch])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval().save_pretrained(path)
+    window = min(10, len(losses))
+    return sum(losses[:window]) / window, sum(losses[-window:]) / window
