@@ -15,7 +15,7 @@ import steermoe
 from steermoe.cli import _parser, main
 from steermoe.ops import BACKENDS, available_backends
 
-COMMANDS = ("train", "eval", "transcribe", "demo", "info")
+COMMANDS = ("train", "eval", "transcribe", "demo", "plot", "info")
 
 
 def run_module(*argv, code=""):
