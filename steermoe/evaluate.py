@@ -130,7 +130,8 @@ def evaluate(model, batches: Iterable, *, normalize: Callable[[str], str], max_n
     gating = GatingAccumulator(layer_ids=model.encoder.steered_layers)
     records = []
     long_count = 0
-    bar = tqdm(total=total, unit="utt", desc="eval", leave=False, dynamic_ncols=True,
+    # drawn on every batch (a batch takes milliseconds at least), so what it shows never depends on the clock
+    bar = tqdm(total=total, unit="utt", desc="eval", leave=False, dynamic_ncols=True, mininterval=0, miniters=1,
                disable=None if progress is None else not progress)
     with autocast_for(model), bar:
         for batch in batches:
