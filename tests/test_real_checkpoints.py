@@ -237,7 +237,7 @@ def test_training_steps_reduce_the_loss_and_the_saved_checkpoint_transcribes_the
                    data)
     built = []
     build_model = steermoe.train.build_model
-    monkeypatch.setattr(steermoe.train, "build_model", lambda m, device: built.append(build_model(m, device)) or built[-1])
+    monkeypatch.setattr(steermoe.train, "build_model", lambda m, device, **kw: built.append(build_model(m, device, **kw)) or built[-1])
     lr = 3e-3
     cfg = load_config(None, [
         f"model.whisper={os.path.join(real_dir, 'hf', 'whisper-base')}", f"model.llm={os.path.join(real_dir, 'hf', LLM)}",
