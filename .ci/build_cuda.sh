@@ -60,6 +60,7 @@ import torch
 import triton
 
 import steermoe
+import steermoe.ops  # the package imports lazily; the op's module loads steermoe._C, which registers the ops
 
 pkg = os.path.dirname(steermoe.__file__)
 libs = glob.glob(os.path.join(pkg, "_C*.so"))
