@@ -18,8 +18,9 @@ Backward (x is never saved):
   2. per D block: dx = dy + dlogits · W (stored), and the program's fp32 partials in its workspace row,
      P_w += dlogitsᵀ · y and P_v += gᵀ · dy (read-modify-write of a private (E, D) slice that stays in L2). A
      barrier after each row block orders its partial stores before the next block's loads in every thread.
-  :func:`steermoe.workspace.reduce_workspace` sums the P rows in one fixed-order reduction and applies dW = Σ P_w − s·(dlogitsᵀ·g)·V
-  (x = y − s·g·V, so dlogitsᵀ·x needs no recomputed x: an E×E correction), db = Σ dlogits, dV = s·Σ P_v:
+  :func:`steermoe.workspace.reduce_workspace` sums the P rows in one fixed-order reduction and applies
+  dW = Σ P_w − s·(dlogitsᵀ·g)·V (x = y − s·g·V, so dlogitsᵀ·x needs no recomputed x: an E×E correction),
+  db = Σ dlogits, dV = s·Σ P_v:
   gradients are bitwise deterministic for a given device and grid (no float atomics).
 
 Cost per call (FLOPs, minimum bytes): benchmarks/roofline.py, the one cost model; the bytes these kernels move

@@ -2,6 +2,7 @@
 lost power) see the old file or the new one, never half; and the reader of the JSONL metrics log."""
 import json
 import os
+import warnings
 from typing import Any, Callable, Dict, List
 
 METRICS_FILE = "metrics.jsonl"                # a training run's metrics log, in its output_dir
@@ -44,6 +45,18 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 
 def read_metrics(path: str) -> List[Dict[str, Any]]:
-    """The records of a JSONL metrics log (``metrics.jsonl``), in file order."""
+    """The records of a JSONL metrics log (``metrics.jsonl``), in file order. A last line left half-written (a run
+    stopped while writing it) is dropped with a warning; an unreadable line before it raises ``ValueError``."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().rstrip().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{path} line {number} is not valid JSON ({err})") from None
+            warnings.warn(f"{path}: dropping the half-written last line {line!r}")
+    return records

@@ -27,7 +27,6 @@ import random
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -217,21 +216,11 @@ class MetricsLog:
             return
         kept = []
         if resume_step is not None and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().rstrip().split("\n")
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    if number < len(lines):
-                        raise TrainingError(f"{path} line {number} is not valid JSON ({err}); repair or delete "
-                                            "that line, then resume") from None
-                    warnings.warn(f"{path}: dropping the half-written last line {line!r}")
-                    break
-                if record.get("step", 0) <= resume_step:
-                    kept.append(line + "\n")
+            try:
+                records = read_metrics(path)
+            except ValueError as err:
+                raise TrainingError(f"{err}; repair or delete that line, then resume") from None
+            kept = [json.dumps(r) + "\n" for r in records if r.get("step", 0) <= resume_step]
         atomic_write_text(path, "".join(kept))
 
     def write(self, record: Dict[str, Any]) -> None:
