@@ -23,7 +23,7 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -535,17 +535,27 @@ def _pcm_to_float(values) -> np.ndarray:
     return samples.astype(np.float32, copy=False)
 
 
+_RESOLVED_BASES: Dict[Tuple[str, str], str] = {}   # (parquet folder, path's folder) -> the folder it resolved from
+
+
 def _referenced_path(path: Optional[str], parquet_file: Optional[str]) -> Optional[str]:
     """The audio file a ``datasets`` row refers to, if it exists: ``path`` if absolute; else joined to the nearest
     folder at or above ``parquet_file`` where that is a file (``datasets`` writes paths relative to the directory it
-    ran in, e.g. ``data/clips/a.wav`` beside ``data/train.parquet``), else relative to the working directory."""
+    ran in, e.g. ``data/clips/a.wav`` beside ``data/train.parquet``), else relative to the working directory.
+    The folder found is remembered per parquet folder and path folder, so a file's rows cost one lookup each."""
     if not path:
         return None
     if parquet_file is not None and not os.path.isabs(path):
-        folder = os.path.dirname(os.path.abspath(parquet_file))
+        start = os.path.dirname(os.path.abspath(parquet_file))
+        key = (start, os.path.dirname(path))
+        known = _RESOLVED_BASES.get(key)
+        if known is not None and os.path.isfile(os.path.join(known, path)):
+            return os.path.join(known, path)
+        folder = start
         while True:
             candidate = os.path.join(folder, path)
             if os.path.isfile(candidate):
+                _RESOLVED_BASES[key] = folder
                 return candidate
             if os.path.dirname(folder) == folder:
                 break

@@ -124,7 +124,7 @@ def evaluate(model, batches: Iterable, *, normalize: Callable[[str], str], max_n
 
     was_training = model.training
     model.eval()
-    max_samples = model.encoder.max_mel_frames * model.log_mel.hop_length
+    max_samples = model.window_samples
     references, hypotheses = [], []
     loss_sum = tokens = 0.0
     gating = GatingAccumulator(layer_ids=model.encoder.steered_layers)

@@ -99,7 +99,7 @@ def transcribe_long(model, items: Iterable[Tuple[Any, Optional[np.ndarray], Opti
     from .data import SpeechExample, collate
     from .train import autocast_for
 
-    max_samples = model.encoder.max_mel_frames * model.log_mel.hop_length
+    max_samples = model.window_samples
     done: List[list] = []           # per item in order: [key, window transcripts, windows still pending]
     pending: List[Tuple[list, int, SpeechExample]] = []
 

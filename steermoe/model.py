@@ -341,6 +341,11 @@ class SteerMoEModel(nn.Module):
         return audio, keep.sum(-1), enc
 
     @property
+    def window_samples(self) -> int:
+        """The longest waveform one encoder window takes, in samples (Whisper: 3000 mel frames = 30 s)."""
+        return self.encoder.max_mel_frames * self.log_mel.hop_length
+
+    @property
     def projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
 

@@ -519,6 +519,26 @@ def test_relative_audio_paths_resolve_from_the_parquet_folder_or_above_from_any_
     assert [e.id for e in ParquetSpeechSource(parquet, id_column="id")] == ["clips/a.wav"]
 
 
+def test_relative_audio_paths_walk_the_folders_once_per_clip_folder(tmp_path, monkeypatch):
+    """Rows in one clip folder: the first walks up from the parquet's folder, the rest check one candidate each."""
+    from steermoe import data as data_module
+
+    clips = _clips(tmp_path / "corpus", {f"audio/clips/{i}.wav": 1600 + i for i in range(6)})
+    os.makedirs(tmp_path / "corpus" / "a" / "b" / "c")
+    parquet = _write(tmp_path / "corpus" / "a" / "b" / "c" / "train.parquet",
+                     [{"audio": {"bytes": None, "path": p}, "text": p, "id": p} for p in clips])
+    monkeypatch.setattr(data_module, "_RESOLVED_BASES", {})
+    looked, isfile = [], os.path.isfile
+    monkeypatch.setattr(os.path, "isfile", lambda p: looked.append(p) or isfile(p))
+    examples = list(ParquetSpeechSource(parquet, id_column="id"))
+    assert [e.id for e in examples] == list(clips)
+    walked = [p for p in looked if p.endswith("0.wav")]
+    assert len(walked) == 4                         # c/, b/, a/, corpus/: found
+    assert len([p for p in looked if p.endswith(".wav")]) == 4 + 5
+    for example, rel in zip(examples, clips):
+        np.testing.assert_array_equal(example.audio, clips[rel])
+
+
 def test_a_datasets_dataset_is_read_from_its_arrow_storage(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
 
