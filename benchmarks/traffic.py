@@ -138,16 +138,16 @@ CURRENT = {
 }
 
 
+CURRENT_BLOCK_M = 32   # rows per block of both kernels before the redesign
+
+
 def current_launches(s: Shape, gpu: GPU) -> Dict[str, Launch]:
-    """The current launchers' grids (launch_config; 16-bit x shares one configuration): the forward one program
-    per row block, FORWARD_PER_SM of them resident, the backward ``programs_per_sm`` per SM, all resident."""
-    from steermoe.kernels.steer import launch_config
-    dtype = torch.float32 if s.elem == 4 else torch.bfloat16
-    fwd, bwd = (launch_config(kernel, s.dim, dtype, s.experts) for kernel in ("forward", "backward"))
-    blocks = -(-s.rows // fwd["BLOCK_M"])
-    programs = min(-(-s.rows // bwd["BLOCK_M"]), bwd["programs_per_sm"] * gpu.sms)
-    return dict(forward=Launch(fwd["BLOCK_M"], blocks, min(blocks, FORWARD_PER_SM[gpu.arch] * gpu.sms)),
-                backward=Launch(bwd["BLOCK_M"], programs, programs))
+    """The grids before the redesign: the forward one program per row block, FORWARD_PER_SM of them resident,
+    the backward one program per SM, all resident; 32-row blocks."""
+    blocks = -(-s.rows // CURRENT_BLOCK_M)
+    programs = min(blocks, gpu.sms)
+    return dict(forward=Launch(CURRENT_BLOCK_M, blocks, min(blocks, FORWARD_PER_SM[gpu.arch] * gpu.sms)),
+                backward=Launch(CURRENT_BLOCK_M, programs, programs))
 
 
 _WS_ROW = lambda s, c: _partials(s, c) + 16 * 4   # a program's workspace row: partials, ds, padding

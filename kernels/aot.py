@@ -241,11 +241,11 @@ SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def markdown(rows: List[dict]) -> List[str]:
-    """BENCHMARKS.md's table: per kernel, x dtype and parameter dtype, each cell for E = EXPERTS in turn: BLOCK_D,
-    pipeline stages, then per arch registers, spilled bytes, dynamic shared memory (KiB) and the programs per SM
-    that registers, warps and shared memory allow."""
+    """BENCHMARKS.md's table: per kernel, x dtype and parameter dtype, each cell for E = EXPERTS in turn: BLOCK_M,
+    BLOCK_D, pipeline stages, then per arch registers, spilled bytes, dynamic shared memory (KiB) and the programs
+    per SM that registers, warps and shared memory allow."""
     archs = sorted({r["arch"] for r in rows})
-    head = ["kernel", "x", "params", "BLOCK_D", "warps", "stages"]
+    head = ["kernel", "x", "params", "BLOCK_M", "BLOCK_D", "warps", "stages"]
     for a in archs:
         head += [f"sm_{a} registers", f"sm_{a} spills (B)", f"sm_{a} smem (KiB)", f"sm_{a} programs/SM"]
     out = [f"Each cell lists E = {' / '.join(str(e) for e in EXPERTS)}.", "",
@@ -256,8 +256,9 @@ def markdown(rows: List[dict]) -> List[str]:
     for (_, x, p), by in groups.items():
         def col(get, arch):
             return " / ".join(str(get(by[(e, arch)])) if (e, arch) in by else "–" for e in EXPERTS)
-        cells = [by[next(iter(by))]["kernel"], SHORT[x], SHORT[p], col(lambda r: r["config"].get("BLOCK_D", "–"),
-                 archs[0]), col(lambda r: r["num_warps"], archs[0]), col(lambda r: r["num_stages"], archs[0])]
+        cells = [by[next(iter(by))]["kernel"], SHORT[x], SHORT[p]]
+        cells += [col(lambda r, key=key: r["config"].get(key, "–"), archs[0]) for key in ("BLOCK_M", "BLOCK_D")]
+        cells += [col(lambda r: r["num_warps"], archs[0]), col(lambda r: r["num_stages"], archs[0])]
         for a in archs:
             cells += [col(lambda r: r["REG"], a), col(lambda r: r["LOCAL"] + r["STACK"], a),
                       col(lambda r: f"{r['dynamic_shared'] / 1024:.0f}", a),

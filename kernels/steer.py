@@ -165,6 +165,12 @@ def _precision(dtype: torch.dtype) -> str:
 # Row-block bytes the forward's resident programs may keep in L2 for its second sweep, per SM: half of an
 # A100's (40 MB / 108 SMs) or H100's (50 MB / 132) share, so the re-read hits while the streams pass through.
 L2_BYTES_PER_SM = 192 * 1024
+# 64-row backward blocks (same tile, half as wide) halve the partials' read-modify-writes and the W loads per row:
+# 341 vs 433 MB L2<->SM at the headline shape (BENCHMARKS.md). Only for 16-bit x at E_PAD <= 32 on this Triton
+# or newer: there they compile spill-free with every steady-state load cp.async; fp32 x leaves synchronous loads
+# (3.6-3.9), older Tritons leave one in sweep 1 (3.0, 3.2 on sm_90) or abort (3.0, E_PAD = 32).
+WIDE_BACKWARD_TRITON = (3, 3)
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 LAUNCH_OPTIONS = ("num_warps", "num_stages")  # launch options; the rest of a config are the kernel's constexprs
 
 
@@ -175,16 +181,17 @@ def launch_config(kernel: str, dim: int, dtype: torch.dtype, num_experts: int) -
     Every combination is compiled for sm_80 and sm_90 by tests/test_kernels_aot.py, which asserts no spills;
     ``python -m benchmarks.tune`` times alternatives on a GPU.
     """
-    e_pad = _expert_pad(num_experts)
+    e_pad, block_m = _expert_pad(num_experts), 32
     if kernel == "forward":  # exact fp32 products (FMAs) hold more registers
         block_d = {16: 32}.get(e_pad, 16) if dtype == torch.float32 else (64 if e_pad <= 32 else 32)
         stages, row_block_bytes = 3, 32 * dim * torch.finfo(dtype).bits // 8
         # 2 programs cap registers at 128, which spills at E_PAD = 64 (triton 3.2, sm_80): one program there
         per_sm = 1 if e_pad >= 64 else max(1, min(2, L2_BYTES_PER_SM // row_block_bytes))
-    else:  # the backward keeps more (rows, E) tiles live: narrower D tiles and fewer stages as E grows
-        block_d = {16: 64, 32: 32}.get(e_pad, 16) // (2 if dtype == torch.float32 else 1)
-        stages, per_sm = {16: 4}.get(e_pad, 3), 1
-    return dict(E=num_experts, E_PAD=e_pad, BLOCK_M=32, BLOCK_D=max(16, min(block_d, triton.next_power_of_2(dim))),
+    else:  # the backward keeps more (rows, E) tiles live: smaller (rows, D) tiles and fewer stages as E grows
+        tile = 32 * {16: 64, 32: 32}.get(e_pad, 16) // (2 if dtype == torch.float32 else 1)   # BLOCK_M × BLOCK_D
+        block_m = 64 if dtype != torch.float32 and e_pad <= 32 and TRITON_VERSION >= WIDE_BACKWARD_TRITON else 32
+        block_d, stages, per_sm = tile // block_m, {16: 4}.get(e_pad, 3), 1
+    return dict(E=num_experts, E_PAD=e_pad, BLOCK_M=block_m, BLOCK_D=max(16, min(block_d, triton.next_power_of_2(dim))),
                 PRECISION=_precision(dtype), num_warps=8, num_stages=stages, programs_per_sm=per_sm)
 
 

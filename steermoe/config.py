@@ -98,6 +98,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _key(False, "recompute the frozen encoder layers in the backward to save memory")
     aux_loss_weight: float = _key(0.0, "weight of the load-balancing loss on the router's gating")
     z_loss_weight: float = _key(0.0, "weight of the router z-loss: mean logsumexp(router logits)^2")
+    spec_time_masks: int = _key(0, "SpecAugment time masks per training utterance (steermoe.augment)")
+    spec_time_width: int = _key(0, "widest time mask, in 10 ms frames (at most a fifth of the utterance)")
+    spec_freq_masks: int = _key(0, "SpecAugment frequency masks per training utterance")
+    spec_freq_width: int = _key(0, "widest frequency mask, in mel bins")
     max_nonfinite_steps: int = _key(10, "consecutive non-finite steps before the run stops (float16 overflows while "
                                         "the loss scale is >= 1 do not count: the scaler halves it)")
     device: str = _key("auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
@@ -143,7 +147,8 @@ class Config:
         for key in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_batch_size", "save_every"):
             _require(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
         for key in ("warmup_steps", "eval_every", "eval_utterances", "keep_checkpoints", "weight_decay",
-                    "grad_clip", "aux_loss_weight", "z_loss_weight"):
+                    "grad_clip", "aux_loss_weight", "z_loss_weight", "spec_time_masks", "spec_time_width",
+                    "spec_freq_masks", "spec_freq_width"):
             _require(getattr(t, key) >= 0, f"train.{key}", ">= 0", getattr(t, key))
         for key in ("lr_router", "lr_vectors", "lr_scales", "lr_projector"):
             _require(getattr(t, key) >= 0, f"train.{key}", ">= 0", getattr(t, key))

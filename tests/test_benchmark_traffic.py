@@ -1,5 +1,7 @@
 """The kernels' traffic model: exact bytes on a case computed by hand, never below the roofline's minimum, and the
 current launchers' grids."""
+import importlib
+
 import pytest
 
 from benchmarks import roofline, traffic
@@ -55,6 +57,22 @@ def test_headline_backward_on_h100():
     assert moved["V, sweep 1 (each row block)"] + moved["V and W, sweep 2 (each row block)"] == 750 * 3 * 8 * 1280 * 4
     f, _ = traffic.design_traffic("current", Shape(24000, 1280, 8, 2), GPUS["H100"])["forward"]
     assert (f.programs, f.resident) == (750, 132 * traffic.FORWARD_PER_SM[90])
+
+
+def test_headline_pipelined_backward_on_h100_uses_64_row_blocks(monkeypatch):
+    """On triton >= 3.3 the bf16 backward's 64-row blocks: 375 row blocks over 132 programs, so the partials'
+    read-modify-writes and W's loads are half the 32-row design's; the bound moves from L2 to HBM."""
+    steer = importlib.import_module("steermoe.kernels.steer")
+    shape = Shape(24000, 1280, 8, 2)
+    monkeypatch.setattr(steer, "TRITON_VERSION", (3, 9))
+    c, t = traffic.design_traffic("pipelined", shape, GPUS["H100"])["backward"]
+    assert (c.block_m, c.programs, c.row_blocks(shape)) == (64, 132, 375)
+    moved = dict((what, b) for what, _, b in t.terms)
+    assert moved["W, sweep 2 (each row block)"] == 375 * 8 * 1280 * 4
+    assert t.l2_bytes < t.hbm_bytes / GPUS["H100"].copy_tbps * GPUS["H100"].l2_tbps
+    monkeypatch.setattr(steer, "TRITON_VERSION", (3, 2))
+    narrow, narrow_t = traffic.design_traffic("pipelined", shape, GPUS["H100"])["backward"]
+    assert narrow.block_m == 32 and narrow_t.l2_bytes - t.l2_bytes > 90e6
 
 
 def test_headline_cuda_launches_on_h100():

@@ -96,6 +96,23 @@ def test_launch_configurations_match_reference(monkeypatch, override, dtype):
                             gating_grad=True)
 
 
+@pytest.mark.parametrize("version, dtype, experts, rows", [
+    ((3, 3), torch.bfloat16, 8, 64), ((3, 9), torch.float16, 32, 64), ((3, 2), torch.bfloat16, 8, 32),
+    ((3, 9), torch.float32, 8, 32), ((3, 9), torch.bfloat16, 33, 32)])
+def test_backward_row_blocks_are_wide_only_where_verified(monkeypatch, version, dtype, experts, rows):
+    """64-row backward blocks for 16-bit x at E_PAD <= 32 on triton >= 3.3, with the (rows, D) tile of the
+    32-row configuration; everything else keeps the 32-row configuration."""
+    module = importlib.import_module("steermoe.kernels.steer")
+    monkeypatch.setattr(module, "TRITON_VERSION", (3, 0))
+    narrow = module.launch_config("backward", 1280, dtype, experts)
+    monkeypatch.setattr(module, "TRITON_VERSION", version)
+    config = module.launch_config("backward", 1280, dtype, experts)
+    assert narrow["BLOCK_M"] == 32 and config["BLOCK_M"] == rows
+    assert config["BLOCK_M"] * config["BLOCK_D"] == narrow["BLOCK_M"] * narrow["BLOCK_D"]
+    assert {k: v for k, v in config.items() if k not in ("BLOCK_M", "BLOCK_D")} == \
+        {k: v for k, v in narrow.items() if k not in ("BLOCK_M", "BLOCK_D")}
+
+
 RESIDUAL_CASES = [Case(shape=(37, 33), experts=1, dtype=torch.float32), Case(shape=(70, 100), experts=20),
                   Case(shape=(45, 70), experts=64, dtype=torch.bfloat16, params="x"),
                   Case(shape=(53, 161), experts=5, dtype=torch.float16, bias=False)]

@@ -459,6 +459,16 @@ def test_killed_run_resumed_reproduces_the_uninterrupted_run(tmp_path, monkeypat
     assert [s for s, _ in list_checkpoints(str(tmp_path / "killed"))] == [4, 6]      # keep_checkpoints=2
 
 
+def test_spec_augment_changes_the_steps_and_a_resumed_run_masks_as_the_uninterrupted_one(tmp_path, monkeypatch):
+    spec = dict(spec_time_masks=2, spec_time_width=30, spec_freq_masks=2, spec_freq_width=20)
+    train(tiny_config(tmp_path / "plain", data="rows5", batch_size=2, max_steps=4))
+    train_straight_and_killed(tmp_path, monkeypatch, 2, data="rows5", batch_size=2, max_steps=4, save_every=2, **spec)
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    assert_same_trained_weights(tmp_path / "straight", tmp_path / "killed")
+    plain, masked = losses(tmp_path / "plain"), losses(tmp_path / "straight")
+    assert all(a != b for a, b in zip(plain, masked))
+
+
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGUSR1"])
 def test_a_stop_signal_checkpoints_after_the_step_and_the_resumed_run_is_the_uninterrupted_one(tmp_path, monkeypatch,
                                                                                               capfd, signum):
