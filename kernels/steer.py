@@ -30,6 +30,7 @@ Products run on tensor cores with fp32 operands and accumulation: exact ("ieee")
 fp16 x (their values are exact in tf32, so only W, V, g and dlogits are rounded, to 10 mantissa bits, finer
 than the 8 bits a bf16 y keeps). Softmax, its gradient and every sum are fp32.
 """
+import re
 from typing import Optional, Tuple
 
 import torch
@@ -170,7 +171,7 @@ L2_BYTES_PER_SM = 192 * 1024
 # or newer: there they compile spill-free with every steady-state load cp.async; fp32 x leaves synchronous loads
 # (3.6-3.9), older Tritons leave one in sweep 1 (3.0, 3.2 on sm_90) or abort (3.0, E_PAD = 32).
 WIDE_BACKWARD_TRITON = (3, 3)
-TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+TRITON_VERSION = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", triton.__version__).groups())
 LAUNCH_OPTIONS = ("num_warps", "num_stages")  # launch options; the rest of a config are the kernel's constexprs
 
 

@@ -1,14 +1,17 @@
 """SpecAugment-style masking of log-mel features for training (Park et al., 2019: time and frequency masks).
 
-    features = spec_augment(features, mask, time_masks=2, time_width=20, freq_masks=2, freq_width=15,
-                            generator=augment_generator(seed, step, rank, micro_batch))
+    generators = [utterance_generator(seed, step, utterance_id) for utterance_id in batch.ids]
+    features = spec_augment(features, mask, time_masks=2, time_width=15, freq_masks=2, freq_width=10,
+                            generators=generators)
 
 Each utterance gets ``time_masks`` bands of ``0..time_width`` consecutive real frames (at most
 :data:`MAX_TIME_FRACTION` of its length each) and ``freq_masks`` bands of ``0..freq_width`` mel bins, set to the
-utterance's mean log-mel value (over its real frames); padding frames are left as they are. The draws come from
-``generator`` on the CPU, so a seeded generator makes the masks independent of the device.
+utterance's mean log-mel value (over its real frames); padding frames are left as they are. Each utterance's
+draws come from its own CPU generator: keyed by (seed, step, utterance id), its masks do not depend on the device,
+on the batch it shares, or on how a global batch is split over processes and accumulation steps.
 """
-from typing import Optional
+import zlib
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,29 +20,32 @@ from torch import Tensor
 MAX_TIME_FRACTION = 0.2   # SpecAugment's p: one time mask covers at most this fraction of an utterance
 
 
-def augment_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded from the integers ``key`` (e.g. seed, step, rank, micro-batch): the same masks
-    for the same key, so a resumed run masks its steps as the uninterrupted run would."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1))
+def utterance_generator(seed: int, step: int, utterance_id: str) -> torch.Generator:
+    """A CPU generator seeded from ``seed``, ``step`` and ``utterance_id`` (CRC-32 of its UTF-8 bytes): the same
+    masks for the same utterance at the same step, so a resumed run masks as the uninterrupted one."""
+    state = np.random.SeedSequence([seed, step, zlib.crc32(utterance_id.encode())]).generate_state(1, np.uint64)
+    return torch.Generator(device="cpu").manual_seed(int(state[0]) >> 1)
 
 
-def _bands(count: int, max_width: Tensor, size: Tensor, extent: int, generator: torch.Generator) -> Tensor:
-    """(B, extent) bool: ``count`` bands per row, each of a uniform width in [0, max_width] inside [0, size)."""
-    hit = torch.zeros(max_width.shape[0], extent, dtype=torch.bool)
-    position = torch.arange(extent)
+def _bands(count: int, max_width: int, size: int, extent: int, generator: Optional[torch.Generator]) -> Tensor:
+    """(extent,) bool: ``count`` bands, each of a uniform width in [0, max_width], placed inside [0, size)."""
+    hit = torch.zeros(extent, dtype=torch.bool, device="cpu")
     for _ in range(count):
-        width = (torch.rand(max_width.shape, generator=generator) * (max_width + 1)).long()
-        start = (torch.rand(size.shape, generator=generator) * (size - width + 1).clamp(min=1)).long()
-        hit |= (position >= start[:, None]) & (position < (start + width)[:, None])
+        u_width, u_start = torch.rand(2, generator=generator, device="cpu").tolist()
+        width = int(u_width * (max_width + 1))
+        start = int(u_start * max(size - width + 1, 1))
+        hit[start:start + width] = True
     return hit
 
 
 def spec_augment(features: Tensor, mask: Optional[Tensor] = None, *, time_masks: int = 0, time_width: int = 0,
-                 freq_masks: int = 0, freq_width: int = 0, generator: Optional[torch.Generator] = None) -> Tensor:
+                 freq_masks: int = 0, freq_width: int = 0,
+                 generators: Optional[Sequence[Optional[torch.Generator]]] = None) -> Tensor:
     """``features`` (B, n_mels, T) with time and frequency bands set to each utterance's mean; a new tensor.
 
-    ``mask``: (B, T), 1 = real frame (None: all real). Widths are in frames (10 ms) and mel bins; zero masks or
-    zero widths return ``features`` unchanged.
+    ``mask``: (B, T), 1 = real frame (None: all real). Widths are in frames (10 ms) and mel bins. ``generators``:
+    one CPU generator per utterance (None: torch's default generator). Zero masks or zero widths return
+    ``features`` itself.
     """
     if features.dim() != 3:
         raise ValueError(f"features must be (B, n_mels, T); got shape {tuple(features.shape)}")
@@ -47,17 +53,22 @@ def spec_augment(features: Tensor, mask: Optional[Tensor] = None, *, time_masks:
                         ("freq_width", freq_width)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0; got {value!r}")
+    batch, n_mels, frames = features.shape
+    if generators is not None and len(generators) != batch:
+        raise ValueError(f"generators must hold one generator per utterance ({batch}); got {len(generators)}")
     if (time_masks == 0 or time_width == 0) and (freq_masks == 0 or freq_width == 0):
         return features
-    batch, n_mels, frames = features.shape
     real = torch.ones(batch, frames, dtype=torch.bool, device=features.device) if mask is None else mask.bool()
-    lengths = real.sum(1).cpu()
-    generator = generator if generator is not None else torch.default_generator
-    max_time = torch.minimum(torch.full_like(lengths, time_width), (lengths * MAX_TIME_FRACTION).long())
-    in_time = _bands(time_masks, max_time, lengths, frames, generator).to(features.device)
-    in_freq = _bands(freq_masks, torch.full((batch,), min(freq_width, n_mels)), torch.full((batch,), n_mels),
-                     n_mels, generator).to(features.device)
-    weights = real.to(features.dtype)[:, None, :]
-    mean = (features * weights).sum((1, 2), keepdim=True) / (weights.sum((1, 2), keepdim=True) * n_mels).clamp(min=1)
+    lengths = real.sum(1).tolist()
+    in_time, in_freq = [], []
+    for b, length in enumerate(lengths):
+        generator = None if generators is None else generators[b]
+        in_time.append(_bands(time_masks, min(time_width, int(length * MAX_TIME_FRACTION)), length, frames,
+                              generator))
+        in_freq.append(_bands(freq_masks, min(freq_width, n_mels), n_mels, n_mels, generator))
+    in_time, in_freq = torch.stack(in_time).to(features.device), torch.stack(in_freq).to(features.device)
+    weights = real.float()[:, None, :]
+    count = (torch.tensor(lengths, dtype=torch.float32, device=features.device) * n_mels).clamp(min=1)
+    mean = (features.float() * weights).sum((1, 2)) / count                               # fp32: no fp16 overflow
     hit = (in_time & real)[:, None, :] | (in_freq[:, :, None] & real[:, None, :])
-    return torch.where(hit, mean.to(features.dtype), features)
+    return torch.where(hit, mean[:, None, None].to(features.dtype), features)

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .augment import augment_generator, spec_augment
+from .augment import spec_augment, utterance_generator
 from .checkpoint import (CheckpointError, check_output_dir, load_training_state, remove_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
@@ -469,6 +469,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     checkpoint_path, eval_summary, interrupted = resume_from, None, False
     num_layers, num_experts = model.encoder.router_bias.shape
     progress.running = True
+    augmenting = bool(tc.spec_time_masks and tc.spec_time_width or tc.spec_freq_masks and tc.spec_freq_width)
     while step < tc.max_steps:
         t_start = time.perf_counter()
         set_learning_rates(optimizer, tc, step)
@@ -478,7 +479,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
         # samples; then the gates' (L, E) sums over real encoder frames and the frame count
         sums = torch.zeros(5, dtype=torch.float64, device=env.device)
         gate_sums = torch.zeros(num_layers * num_experts + 1, dtype=torch.float64, device=env.device)
-        for micro, batch in enumerate(next_micro_batches()):
+        for batch in next_micro_batches():
             # an empty slice of a small global batch: nothing to do, except under fsdp, where every process joins
             # each layer's gathers in the same order: a placeholder utterance, with zero weight
             placeholder = batch is None
@@ -486,9 +487,11 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
                 continue
             batch = placeholder_batch() if placeholder else batch
             features, mask = model.features(batch.to(env.device))
-            features = spec_augment(features, mask, time_masks=tc.spec_time_masks, time_width=tc.spec_time_width,
-                                    freq_masks=tc.spec_freq_masks, freq_width=tc.spec_freq_width,
-                                    generator=augment_generator(tc.seed, step, env.rank, micro))
+            if augmenting:
+                features = spec_augment(features, mask, time_masks=tc.spec_time_masks,
+                                        time_width=tc.spec_time_width, freq_masks=tc.spec_freq_masks,
+                                        freq_width=tc.spec_freq_width,
+                                        generators=[utterance_generator(tc.seed, step, i) for i in batch.ids])
             with autocast_for(model):
                 out = model(features, attention_mask=mask, texts=batch.texts, prompts=batch.prompts,
                             return_gating=tc.aux_loss_weight > 0 or log_health,

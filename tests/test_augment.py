@@ -2,7 +2,11 @@
 import pytest
 import torch
 
-from steermoe.augment import MAX_TIME_FRACTION, augment_generator, spec_augment
+from steermoe.augment import MAX_TIME_FRACTION, spec_augment, utterance_generator
+
+
+def keyed(n, step=3, seed=0):
+    return [utterance_generator(seed, step, f"utt-{b}") for b in range(n)]
 
 
 def batch(lengths=(300, 137, 64), n_mels=80):
@@ -15,7 +19,7 @@ def batch(lengths=(300, 137, 64), n_mels=80):
 def test_masks_are_bands_of_the_utterance_mean_inside_its_real_frames():
     features, mask = batch()
     out = spec_augment(features, mask, time_masks=2, time_width=40, freq_masks=2, freq_width=15,
-                       generator=augment_generator(0, 3))
+                       generators=keyed(3))
     changed = out != features
     assert changed.any()
     for b, length in enumerate(mask.sum(1).tolist()):
@@ -32,13 +36,17 @@ def test_masks_are_bands_of_the_utterance_mean_inside_its_real_frames():
         assert int(time_hit.sum()) <= 2 * min(40, int(length * MAX_TIME_FRACTION))
 
 
-def test_same_key_same_masks_other_key_other_masks():
+def test_an_utterances_masks_depend_on_its_key_and_length_only():
     features, mask = batch()
     kw = dict(time_masks=2, time_width=30, freq_masks=2, freq_width=10)
-    a = spec_augment(features, mask, generator=augment_generator(0, 5, 0, 1), **kw)
-    b = spec_augment(features, mask, generator=augment_generator(0, 5, 0, 1), **kw)
-    c = spec_augment(features, mask, generator=augment_generator(0, 6, 0, 1), **kw)
+    a = spec_augment(features, mask, generators=keyed(3, step=5), **kw)
+    b = spec_augment(features, mask, generators=keyed(3, step=5), **kw)
+    c = spec_augment(features, mask, generators=keyed(3, step=6), **kw)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # the second utterance alone, unpadded: the same masks as inside the padded batch
+    alone = spec_augment(features[1:2, :, :137], mask[1:2, :137], generators=keyed(3, step=5)[1:2], **kw)
+    assert torch.equal(alone[0] != features[1, :, :137], a[1, :, :137] != features[1, :, :137])
+    torch.testing.assert_close(alone[0], a[1, :, :137])          # the mean: a sum over other padding, same terms
 
 
 def test_widths_are_drawn_up_to_their_limits_over_many_draws():
@@ -46,7 +54,7 @@ def test_widths_are_drawn_up_to_their_limits_over_many_draws():
     seen_time, seen_freq = set(), set()
     for key in range(300):
         out = spec_augment(features, mask, time_masks=1, time_width=7, freq_masks=1, freq_width=5,
-                           generator=augment_generator(key))
+                           generators=[utterance_generator(0, key, "u")])
         changed = out != features
         seen_time.add(int(changed[0].all(0).sum()))
         seen_freq.add(int(changed[0].all(1).sum()))
@@ -61,3 +69,16 @@ def test_nothing_to_mask_returns_the_features_and_bad_arguments_are_named():
         spec_augment(features, mask, time_masks=1, time_width=-1)
     with pytest.raises(ValueError, match="features must be"):
         spec_augment(features[0], mask, time_masks=1, time_width=2)
+    with pytest.raises(ValueError, match="one generator per utterance"):
+        spec_augment(features, mask, time_masks=1, time_width=2, generators=keyed(2))
+
+
+def test_half_precision_features_get_a_finite_mean():
+    """The mean is summed in fp32: 3000 frames × 80 bins overflow an fp16 count."""
+    features = torch.full((1, 80, 3000), 0.5, dtype=torch.float16)
+    out = spec_augment(features, time_masks=2, time_width=50, freq_masks=2, freq_width=10, generators=keyed(1))
+    changed = out != features
+    assert not changed.any() and torch.isfinite(out).all()         # masked to the mean, 0.5 itself
+    features[0, :, 1500:] = -0.5
+    out = spec_augment(features, time_masks=2, time_width=50, freq_masks=2, freq_width=10, generators=keyed(1))
+    assert torch.isfinite(out).all() and (out[out != features] == 0).all()

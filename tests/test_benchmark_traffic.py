@@ -1,5 +1,5 @@
 """The kernels' traffic model: exact bytes on a case computed by hand, never below the roofline's minimum, and the
-current launchers' grids."""
+launchers' grids (design "current": the kernels before the pipelined redesign)."""
 import importlib
 
 import pytest

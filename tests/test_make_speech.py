@@ -79,3 +79,37 @@ def test_main_rejects_bad_arguments(tmp_path, capsys):
         with pytest.raises(SystemExit):
             make_speech.main([*bad, "--output", str(tmp_path / "x.parquet")])
         assert bad[0] in capsys.readouterr().err
+
+
+def test_telephone_channel_keeps_the_voice_band_and_drops_the_rest():
+    import numpy as np
+
+    t = np.arange(16000) / 16000
+    low, high = 0.5 * np.sin(2 * np.pi * 1000 * t), 0.3 * np.sin(2 * np.pi * 6000 * t)
+    out = make_speech.telephone_channel((low + high).astype(np.float32))
+    assert out.dtype == np.float32 and out.shape == (16000,)
+    spectrum = np.abs(np.fft.rfft(out[1000:-1000])) ** 2
+    freq = np.fft.rfftfreq(14000, 1 / 16000)
+    assert spectrum[freq > 4000].sum() < 1e-4 * spectrum.sum()           # the 6 kHz tone is gone
+    kept = out[1000:-1000] @ low[1000:-1000] / (low[1000:-1000] @ low[1000:-1000])
+    assert 0.97 < kept < 1.03                                             # the 1 kHz tone passes at its level
+    residual = out[1000:-1000] - kept * low[1000:-1000]
+    snr = 10 * np.log10((low[1000:-1000] ** 2).sum() / (residual ** 2).sum())
+    assert snr > 25                                                       # μ-law's 8-bit steps keep the tone clean
+
+
+def test_telephone_channel_quantises_to_256_mu_law_levels(monkeypatch):
+    import numpy as np
+
+    from steermoe import audio
+
+    original, seen = audio.resample, {}
+
+    def spy(samples, orig_sr, target_sr=16000):
+        if orig_sr == make_speech.TELEPHONE_RATE:
+            seen["narrow"] = samples.copy()
+        return original(samples, orig_sr, target_sr)
+
+    monkeypatch.setattr(audio, "resample", spy)
+    make_speech.telephone_channel(np.random.default_rng(0).uniform(-1, 1, 8000).astype(np.float32))
+    assert 200 < len(np.unique(seen["narrow"])) <= 256

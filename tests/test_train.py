@@ -292,12 +292,16 @@ def capture_gradients(monkeypatch):
     return captured
 
 
-def test_splitting_the_batch_into_accumulation_steps_gives_the_same_update(tmp_path, monkeypatch):
+SPEC = dict(spec_time_masks=2, spec_time_width=30, spec_freq_masks=2, spec_freq_width=20)
+
+
+@pytest.mark.parametrize("augment", [{}, SPEC], ids=["plain", "spec_augment"])
+def test_splitting_the_batch_into_accumulation_steps_gives_the_same_update(tmp_path, monkeypatch, augment):
     runs = {}
     for name, batch, accum in (("whole", 4, 1), ("halves", 2, 2), ("singles", 1, 4)):
         grads = capture_gradients(monkeypatch)
         out = tmp_path / name
-        train(tiny_config(out, batch_size=batch, grad_accum=accum, max_steps=3))
+        train(tiny_config(out, batch_size=batch, grad_accum=accum, max_steps=3, **augment))
         runs[name] = (losses(out), grads, trained_weights(out))
     whole_losses, whole_grads, whole_weights = runs["whole"]
     assert len(whole_losses) == 3 and len(whole_grads) == 3
@@ -460,9 +464,8 @@ def test_killed_run_resumed_reproduces_the_uninterrupted_run(tmp_path, monkeypat
 
 
 def test_spec_augment_changes_the_steps_and_a_resumed_run_masks_as_the_uninterrupted_one(tmp_path, monkeypatch):
-    spec = dict(spec_time_masks=2, spec_time_width=30, spec_freq_masks=2, spec_freq_width=20)
     train(tiny_config(tmp_path / "plain", data="rows5", batch_size=2, max_steps=4))
-    train_straight_and_killed(tmp_path, monkeypatch, 2, data="rows5", batch_size=2, max_steps=4, save_every=2, **spec)
+    train_straight_and_killed(tmp_path, monkeypatch, 2, data="rows5", batch_size=2, max_steps=4, save_every=2, **SPEC)
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
     assert_same_trained_weights(tmp_path / "straight", tmp_path / "killed")
     plain, masked = losses(tmp_path / "plain"), losses(tmp_path / "straight")

@@ -7,10 +7,11 @@
 Without ``--sentences`` / ``--texts`` it writes the demo set: ``SENTENCES`` spoken by two voices at two speeds.
 ``--sentences N`` adds N templated sentences (:func:`steermoe.demo.sentences.templated_sentences`), ``--texts``
 the transcripts of a parquet file's ``text`` column or of a text file (one sentence a line); each of those gets a
-seeded voice, speed and pitch. Audio is resampled to 16 kHz and stored as FLAC bytes in the schema Hugging Face
-``datasets`` writes for an ``Audio`` column (struct ``{bytes, path}``), with ``text`` and ``id`` columns, in row
-groups of ``--row-group-size`` rows (so that a seeded row-group order mixes this set with others). The output is
-deterministic for a given espeak-ng build and seed.
+seeded voice, speed and pitch. ``--telephone`` passes every utterance through a telephone channel
+(:func:`telephone_channel`: 8 kHz band limit and G.711 μ-law, back at 16 kHz). Audio is resampled to 16 kHz and
+stored as FLAC bytes in the schema Hugging Face ``datasets`` writes for an ``Audio`` column (struct ``{bytes,
+path}``), with ``text`` and ``id`` columns, in row groups of ``--row-group-size`` rows (so that a seeded row-group
+order mixes this set with others). The output is deterministic for a given espeak-ng build and seed.
 """
 import argparse
 import io
@@ -94,6 +95,8 @@ TRAIN_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-us-nyc", "
 TRAIN_SPEEDS = (130, 145, 160, 175, 190)
 TRAIN_PITCHES = (30, 40, 50, 60, 70)
 SAMPLE_RATE = 16000
+TELEPHONE_RATE = 8000   # narrowband telephony: speech band-limited below 4 kHz
+MU = 255                # G.711 μ-law, 8-bit codes
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "speech.parquet")
 
 
@@ -118,6 +121,23 @@ def synthesize(text: str, voice: str, speed: int, pitch: Optional[int] = None):
         pitch_args = [] if pitch is None else ["-p", str(pitch)]
         subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), *pitch_args, "-w", wav, text], check=True)
         return load_audio_file(wav)
+
+
+def telephone_channel(audio, sample_rate: int = SAMPLE_RATE):
+    """(float32 (S,) samples at ``sample_rate``) as a narrowband telephone line passes them: resampled to
+    TELEPHONE_RATE (anti-aliased, so nothing above 4 kHz survives), G.711 μ-law coded to 8 bits and decoded,
+    resampled back to ``sample_rate``, trimmed to the input's length."""
+    import numpy as np
+
+    from steermoe.audio import resample
+
+    audio = np.asarray(audio, dtype=np.float32)
+    narrow = np.clip(resample(audio, sample_rate, TELEPHONE_RATE), -1.0, 1.0)
+    companded = np.sign(narrow) * np.log1p(MU * np.abs(narrow)) / np.log1p(MU)
+    codes = np.round((companded + 1) / 2 * MU)                          # 0..255
+    decoded = codes / MU * 2 - 1
+    narrow = np.sign(decoded) * np.expm1(np.abs(decoded) * np.log1p(MU)) / MU
+    return resample(narrow.astype(np.float32), TELEPHONE_RATE, sample_rate)[: len(audio)]
 
 
 def flac_bytes(audio) -> bytes:
@@ -158,12 +178,14 @@ def read_texts(path: str, column: str = "text") -> List[str]:
     return [v.strip() for v in values if isinstance(v, str) and v.strip()]
 
 
-def build_table(utterances: Optional[Sequence[Utterance]] = None):
-    """``utterances`` (default: the demo set) synthesised, as a pyarrow Table in the ``datasets`` Audio schema."""
+def build_table(utterances: Optional[Sequence[Utterance]] = None, telephone: bool = False):
+    """``utterances`` (default: the demo set) synthesised (through :func:`telephone_channel` when ``telephone``),
+    as a pyarrow Table in the ``datasets`` Audio schema."""
     import pyarrow as pa
 
     utterances = demo_utterances() if utterances is None else utterances
-    audio = [{"bytes": flac_bytes(synthesize(u.text, u.voice, u.speed, u.pitch)), "path": f"{u.id}.flac"}
+    channel = telephone_channel if telephone else (lambda audio: audio)
+    audio = [{"bytes": flac_bytes(channel(synthesize(u.text, u.voice, u.speed, u.pitch))), "path": f"{u.id}.flac"}
              for u in utterances]
     audio_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     features = {"audio": {"sampling_rate": SAMPLE_RATE, "_type": "Audio"},
@@ -194,6 +216,8 @@ def main(argv=None) -> None:
     parser.add_argument("--speeds", type=_csv(int), default=list(TRAIN_SPEEDS), help="words per minute, comma-separated")
     parser.add_argument("--pitches", type=_csv(int), default=list(TRAIN_PITCHES), help="0-99, comma-separated")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sentences and each one's voice")
+    parser.add_argument("--telephone", action="store_true",
+                        help="pass the speech through a telephone channel (8 kHz band limit, G.711 mu-law)")
     parser.add_argument("--row-group-size", type=int, default=64, help="rows per parquet row group")
     args = parser.parse_args(argv)
     if args.sentences < 0:
@@ -208,7 +232,7 @@ def main(argv=None) -> None:
                                          seed=args.seed)
     else:
         utterances = demo_utterances()
-    table = build_table(utterances)
+    table = build_table(utterances, telephone=args.telephone)
     atomic_write(args.output, lambda tmp: pq.write_table(table, tmp, compression="zstd",
                                                         row_group_size=args.row_group_size))
     print(f"wrote {args.output}: {table.num_rows} utterances, {os.path.getsize(args.output) / 1e6:.2f} MB")
