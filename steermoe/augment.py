@@ -10,7 +10,6 @@ utterance's mean log-mel value (over its real frames); padding frames are left a
 draws come from its own CPU generator: keyed by (seed, step, utterance id), its masks do not depend on the device,
 on the batch it shares, or on how a global batch is split over processes and accumulation steps.
 """
-import zlib
 from typing import Optional, Sequence
 
 import numpy as np
@@ -21,9 +20,10 @@ MAX_TIME_FRACTION = 0.2   # SpecAugment's p: one time mask covers at most this f
 
 
 def utterance_generator(seed: int, step: int, utterance_id: str) -> torch.Generator:
-    """A CPU generator seeded from ``seed``, ``step`` and ``utterance_id`` (CRC-32 of its UTF-8 bytes): the same
-    masks for the same utterance at the same step, so a resumed run masks as the uninterrupted one."""
-    state = np.random.SeedSequence([seed, step, zlib.crc32(utterance_id.encode())]).generate_state(1, np.uint64)
+    """A CPU generator seeded from ``seed``, ``step`` and ``utterance_id`` (all of its UTF-8 bytes): the same masks
+    for the same utterance at the same step, so a resumed run masks as the uninterrupted one."""
+    key = int.from_bytes(b"\x01" + utterance_id.encode(), "little")      # a leading byte keeps trailing NULs
+    state = np.random.SeedSequence([seed, step, key]).generate_state(1, np.uint64)
     return torch.Generator(device="cpu").manual_seed(int(state[0]) >> 1)
 
 

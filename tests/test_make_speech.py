@@ -96,6 +96,11 @@ def test_telephone_channel_keeps_the_voice_band_and_drops_the_rest():
     residual = out[1000:-1000] - kept * low[1000:-1000]
     snr = 10 * np.log10((low[1000:-1000] ** 2).sum() / (residual ** 2).sum())
     assert snr > 25                                                       # μ-law's 8-bit steps keep the tone clean
+    quiet = make_speech.telephone_channel((0.005 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32))
+    residual = quiet[1000:-1000] - 0.005 * np.sin(2 * np.pi * 1000 * t[1000:-1000])
+    # μ-law's fine steps near zero: a linear 8-bit code (steps of 1/128) would bury a tone of 0.005
+    assert 10 * np.log10((0.005 ** 2 / 2 * 14000) / (residual ** 2).sum()) > 25
+    assert np.all(make_speech.telephone_channel(np.zeros(800, np.float32)) == 0)   # silence stays silent
 
 
 def test_telephone_channel_quantises_to_256_mu_law_levels(monkeypatch):
@@ -112,4 +117,4 @@ def test_telephone_channel_quantises_to_256_mu_law_levels(monkeypatch):
 
     monkeypatch.setattr(audio, "resample", spy)
     make_speech.telephone_channel(np.random.default_rng(0).uniform(-1, 1, 8000).astype(np.float32))
-    assert 200 < len(np.unique(seen["narrow"])) <= 256
+    assert 200 < len(np.unique(seen["narrow"])) <= 255

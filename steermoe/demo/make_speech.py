@@ -125,8 +125,9 @@ def synthesize(text: str, voice: str, speed: int, pitch: Optional[int] = None):
 
 def telephone_channel(audio, sample_rate: int = SAMPLE_RATE):
     """(float32 (S,) samples at ``sample_rate``) as a narrowband telephone line passes them: resampled to
-    TELEPHONE_RATE (anti-aliased, so nothing above 4 kHz survives), G.711 μ-law coded to 8 bits and decoded,
-    resampled back to ``sample_rate``, trimmed to the input's length."""
+    TELEPHONE_RATE (anti-aliased, so nothing above 4 kHz survives), μ-law companded (μ = 255, G.711's curve, not its
+    segmented table) and quantised to a sign and 7 bits (255 levels, zero among them), decoded, resampled back to
+    ``sample_rate``, trimmed to the input's length."""
     import numpy as np
 
     from steermoe.audio import resample
@@ -134,8 +135,7 @@ def telephone_channel(audio, sample_rate: int = SAMPLE_RATE):
     audio = np.asarray(audio, dtype=np.float32)
     narrow = np.clip(resample(audio, sample_rate, TELEPHONE_RATE), -1.0, 1.0)
     companded = np.sign(narrow) * np.log1p(MU * np.abs(narrow)) / np.log1p(MU)
-    codes = np.round((companded + 1) / 2 * MU)                          # 0..255
-    decoded = codes / MU * 2 - 1
+    decoded = np.round(companded * 127) / 127                          # codes -127..127
     narrow = np.sign(decoded) * np.expm1(np.abs(decoded) * np.log1p(MU)) / MU
     return resample(narrow.astype(np.float32), TELEPHONE_RATE, sample_rate)[: len(audio)]
 
