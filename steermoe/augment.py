@@ -27,6 +27,11 @@ def utterance_generator(seed: int, step: int, utterance_id: str) -> torch.Genera
     return torch.Generator(device="cpu").manual_seed(int(state[0]) >> 1)
 
 
+def masks_anything(time_masks: int, time_width: int, freq_masks: int, freq_width: int) -> bool:
+    """Whether these settings mask any frame or bin (a count or a width of 0 turns that kind of mask off)."""
+    return bool(time_masks and time_width or freq_masks and freq_width)
+
+
 def _bands(count: int, max_width: int, size: int, extent: int, generator: Optional[torch.Generator]) -> Tensor:
     """(extent,) bool: ``count`` bands, each of a uniform width in [0, max_width], placed inside [0, size)."""
     hit = torch.zeros(extent, dtype=torch.bool, device="cpu")
@@ -56,7 +61,7 @@ def spec_augment(features: Tensor, mask: Optional[Tensor] = None, *, time_masks:
     batch, n_mels, frames = features.shape
     if generators is not None and len(generators) != batch:
         raise ValueError(f"generators must hold one generator per utterance ({batch}); got {len(generators)}")
-    if (time_masks == 0 or time_width == 0) and (freq_masks == 0 or freq_width == 0):
+    if not masks_anything(time_masks, time_width, freq_masks, freq_width):
         return features
     real = torch.ones(batch, frames, dtype=torch.bool, device=features.device) if mask is None else mask.bool()
     lengths = real.sum(1).tolist()

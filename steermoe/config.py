@@ -55,6 +55,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: List[str] = _key([], "training parquet files, directories or globs")
+    train_repeats: List[int] = _key([], "times each data.train entry is read per epoch, one int >= 1 per entry, to "
+                                        "oversample a small set (empty: once each); copy k >= 1 of a row has the id "
+                                        "`<id>~k`")
     eval: List[str] = _key([], "evaluation parquet files, directories or globs (empty: no evaluation)")
     audio_column: str = _key("audio", "column holding the audio")
     text_column: str = _key("text", "column holding the transcript")
@@ -138,6 +141,8 @@ class Config:
         _require(m.projector in ("linear", "mlp"), "model.projector", "linear or mlp", m.projector)
         _require(m.max_new_tokens >= 1, "model.max_new_tokens", ">= 1", m.max_new_tokens)
         _require(len(d.train) > 0, "data.train", "at least one parquet file, directory or glob")
+        _require(not d.train_repeats or len(d.train_repeats) == len(d.train) and all(r >= 1 for r in d.train_repeats),
+                 "data.train_repeats", f"empty or one int >= 1 per data.train entry ({len(d.train)})", d.train_repeats)
         _require(0 < d.max_seconds <= WHISPER_SECONDS, "data.max_seconds", f"in (0, {WHISPER_SECONDS}] (Whisper's "
                  "window)", d.max_seconds)
         _require(d.min_seconds is None or 0 <= d.min_seconds <= d.max_seconds, "data.min_seconds",

@@ -20,6 +20,7 @@ small, and each rank decodes only its slice of each global batch; everything is 
 import glob
 import logging
 import math
+import numbers
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -139,6 +140,9 @@ class ParquetSpeechSource:
             index of a ``Dataset``; an empty prompt means the model's default instruction).
         min_seconds, max_seconds, max_text_tokens: filters (``max_text_tokens`` needs ``tokenizer``).
         sampling_rate_column: the rate column used with a float list audio column.
+        repeats: how many times each entry of ``paths`` (each file it names; for a Dataset or Table: one int) is
+            read per pass, ints >= 1 (None: once each), to oversample a small set. Copy ``k`` >= 1 of a row has the
+            id ``<id>~k``; its reads and skips are counted like any row's.
         duration_column: an optional column of durations in seconds; :meth:`durations` reads it instead of the
             audio headers (length grouping then reads no audio bytes to plan).
 
@@ -151,7 +155,8 @@ class ParquetSpeechSource:
                  prompt_column: Optional[str] = None, id_column: Optional[str] = None,
                  min_seconds: Optional[float] = None, max_seconds: Optional[float] = None,
                  max_text_tokens: Optional[int] = None, tokenizer=None,
-                 sampling_rate_column: str = "sampling_rate", duration_column: Optional[str] = None):
+                 sampling_rate_column: str = "sampling_rate", duration_column: Optional[str] = None,
+                 repeats: Optional[Sequence[int]] = None):
         if max_text_tokens is not None and tokenizer is None:
             raise ValueError("max_text_tokens needs a tokenizer to count tokens with")
         self.audio_column, self.text_column = audio_column, text_column
@@ -160,25 +165,29 @@ class ParquetSpeechSource:
         self.min_seconds, self.max_seconds = min_seconds, max_seconds
         self.max_text_tokens, self.tokenizer = max_text_tokens, tokenizer
         self._table = _TableReader.of(paths)
+        if self._table is None and not isinstance(paths, (str, os.PathLike)):
+            paths = list(paths)                 # read twice with repeats
         if self._table is None:
             self.files = resolve_parquet_files(paths)
             self._names = _relative_names(self.files)
         else:
             self.files, self._names = [f"the {type(paths).__name__}"], [None]
+        copies = _copies_per_file(paths, self.files, repeats, table=self._table is not None)
         self.skipped: Counter = Counter()
         self.rows_read = 0
-        # (file index, row group, rows, first row's index in its file), and the audio layout per file
-        self.units: List[Tuple[int, int, int, int]] = []
+        # (file index, row group, rows, first row's index in its file, copy), and the audio layout per file
+        self.units: List[Tuple[int, int, int, int, int]] = []
         self._audio_kind: List[str] = []
         for index, file in enumerate(self.files):
             reader = self._reader(index)
             self._audio_kind.append(self._check_columns(file, reader.schema_arrow))
-            offset = 0
-            for group, rows in enumerate(reader.group_rows):
-                self.units.append((index, group, rows, offset))
-                offset += rows
+            for copy in range(copies[index]):
+                offset = 0
+                for group, rows in enumerate(reader.group_rows):
+                    self.units.append((index, group, rows, offset, copy))
+                    offset += rows
         self._open_file: Tuple[Optional[int], object] = (None, None)
-        self._last_group: Tuple[Optional[int], object] = (None, None)
+        self._last_group: Tuple[Optional[Tuple[int, int]], object] = (None, None)   # ((file, row group), table)
         self._durations: dict = {}
 
     @property
@@ -202,7 +211,8 @@ class ParquetSpeechSource:
 
     def no_usable_rows(self) -> ValueError:
         """The error for data without a usable row: names the files and the skip counts."""
-        return ValueError(f"no usable row in {', '.join(self.files)} ({self.num_rows} rows; skipped: "
+        copies = ", copies included" if any(unit[4] for unit in self.units) else ""
+        return ValueError(f"no usable row in {', '.join(self.files)} ({self.num_rows} rows{copies}; skipped: "
                           f"{self._skip_counts()})")
 
     def _skip_counts(self) -> str:
@@ -214,16 +224,17 @@ class ParquetSpeechSource:
 
         Read from ``duration_column`` when set, else from raw sample counts and rates, or from each encoded row's
         header (libsndfile: frames and rate). 0 where unknown (a null or unreadable row: it is counted as skipped
-        when read). Computed once per row group.
+        when read). Computed once per row group (copies share it).
         """
-        if unit not in self._durations:
-            self._durations[unit] = self._read_durations(unit)
-        return self._durations[unit]
+        key = self.units[unit][:2]
+        if key not in self._durations:
+            self._durations[key] = self._read_durations(*key)
+        return self._durations[key]
 
-    def _read_durations(self, unit: int) -> np.ndarray:
-        file_index, group, size, _ = self.units[unit]
+    def _read_durations(self, file_index: int, group: int) -> np.ndarray:
         file, kind = self._anchor(file_index), self._audio_kind[file_index]
         parquet = self._reader(file_index)
+        size = parquet.group_rows[group]
         if self.duration_column is not None:
             seconds = parquet.read_row_group(group, columns=[self.duration_column]).column(0)
             seconds = seconds.to_numpy().astype(np.float64)
@@ -277,7 +288,7 @@ class ParquetSpeechSource:
         ``rows``: the rows to read (indices within the group, in the order wanted); default all, in order.
         ``count=False`` reads without adding to ``skipped`` / ``rows_read`` (for rows read a second time).
         """
-        file_index, group, size, offset = self.units[unit]
+        file_index, group, size, offset, copy = self.units[unit]
         file = self.files[file_index]
         columns = [self.audio_column, self.text_column]
         columns += [c for c in (self.prompt_column, self.id_column) if c is not None]
@@ -300,6 +311,7 @@ class ParquetSpeechSource:
                 row = offset + int(rows[position])
                 example_id = (str(ids[i]) if ids[i] is not None else
                               f"{self._names[file_index]}:{row}" if self._names[file_index] else str(row))
+                example_id += f"~{copy}" if copy else ""
                 try:
                     text = self._check_text(text)
                     samples = self._check_audio(self._decode(kind, audio, i, rates, self._anchor(file_index)))
@@ -380,11 +392,11 @@ class ParquetSpeechSource:
 
     def _row_group(self, unit: int, columns: List[str]):
         """``units[unit]`` as a pyarrow Table of ``columns`` (the last file opened and group read are kept)."""
-        if self._last_group[0] != unit:
-            file_index, group = self.units[unit][:2]
+        file_index, group = self.units[unit][:2]
+        if self._last_group[0] != (file_index, group):
             if self._open_file[0] != file_index:
                 self._open_file = (file_index, self._reader(file_index))
-            self._last_group = (unit, self._open_file[1].read_row_group(group, columns=columns))
+            self._last_group = ((file_index, group), self._open_file[1].read_row_group(group, columns=columns))
         return self._last_group[1]
 
     def _check_columns(self, file: str, schema) -> str:
@@ -480,6 +492,28 @@ class _TableReader:
         return self._slice(group * self.GROUP_ROWS, self.group_rows[group]).select(columns)
 
 
+def _copies_per_file(paths, files: List[str], repeats: Optional[Sequence[int]], table: bool) -> List[int]:
+    """Copies of each of ``files`` per pass: ``repeats[i]`` for the files entry ``i`` of ``paths`` names (the
+    first entry naming a file counts), or ``repeats[0]`` for a Dataset or Table; 1 each without ``repeats``."""
+    if repeats is None:
+        return [1] * len(files)
+    entries = [paths] if table or isinstance(paths, (str, os.PathLike)) else list(paths)
+    repeats = list(repeats)
+    if len(repeats) != len(entries) or not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 1
+                                               for r in repeats):
+        raise ValueError(f"repeats must hold one int >= 1 per data path ({len(entries)}); got {repeats!r}")
+    if table:
+        return [int(r) for r in repeats]
+    copies: Dict[str, Tuple[int, str]] = {}
+    for entry, count in zip(entries, repeats):
+        for file in resolve_parquet_files(entry):
+            known = copies.setdefault(os.path.realpath(file), (int(count), os.fspath(entry)))
+            if known[0] != count:
+                raise ValueError(f"repeats: {file} is named by {known[1]!r} (repeats {known[0]}) and by "
+                                 f"{os.fspath(entry)!r} (repeats {count}); name it once, or with one count")
+    return [copies[os.path.realpath(f)][0] for f in files]
+
+
 def _relative_names(files: Sequence[str]) -> List[str]:
     """Each file's path relative to the deepest directory holding them all (unique names for default row ids)."""
     paths = [os.path.abspath(f) for f in files]
@@ -569,14 +603,15 @@ class SpeechBatches:
     The sequence of global batches (which rows, in which step) depends only on the data, ``seed``, ``shuffle``,
     ``bucket_size`` and the global batch size ``batch_size × grad_accum × world_size``, not on how that product is
     split, so one process with accumulation and many processes train on the same batches. Per epoch the row groups
-    are put in a seeded order and the rows of each row group in a seeded order of their own (file order with
-    ``shuffle=False``). That order is cut into buckets of ``bucket_size`` rows; a bucket's rows are sorted by
+    (and their copies, :class:`ParquetSpeechSource` ``repeats``: copy ``k`` of ``r`` in the ``k``-th ``r``-th of the
+    epoch, see :meth:`_order`) are put in a seeded order and the rows of each in a seeded order of their own (file
+    order with ``shuffle=False``). That order is cut into buckets of ``bucket_size`` rows; a bucket's rows are sorted by
     duration (:meth:`ParquetSpeechSource.durations`: a duration column or the audio headers, nothing decoded; ties in
     seeded order), cut into ``ceil(rows / global batch)`` global batches of near-equal size and served in seeded
     order (by increasing length with ``shuffle=False``). Each global batch, still sorted by length, is cut into
     ``world_size × grad_accum`` near-equal slices; micro-batch ``i`` of rank ``r`` is slice ``i × world_size + r``, so
     the ranks of one micro-step hold neighbouring lengths. A rank decodes only its own slices, a bucket at a time,
-    each row group once per bucket.
+    each row group (each copy of one) once per bucket.
 
     Iterating yields one item per optimizer step: this rank's ``grad_accum`` micro-batches, each a
     :class:`SpeechBatch` or None (a slice without rows: a small last batch, or all its rows skipped). Rows skipped
@@ -621,6 +656,13 @@ class SpeechBatches:
         self.steps_done = 0
         n = source.num_rows
         self._quotas = [min(self.bucket_size, n - start) for start in range(0, n, self.bucket_size)]
+        copies: Dict[Tuple[int, int], int] = Counter(unit[:2] for unit in source.units)
+        self._copies = np.array([copies[unit[:2]] for unit in source.units])     # copies of each unit's row group
+        if self._copies.max() > len(self._quotas):
+            logger.warning("rows read %d times per epoch in %d bucket(s) of %d rows: copies of a row that share a "
+                           "bucket have its length, so they usually share a batch; a bucket_size of at most %d "
+                           "spreads them", self._copies.max(), len(self._quotas), self.bucket_size,
+                           n // self._copies.max())
 
     def _batches_in(self, quota: int) -> int:
         return quota // self.global_batch if self.drop_last else math.ceil(quota / self.global_batch)
@@ -698,10 +740,22 @@ class SpeechBatches:
         return np.random.default_rng([self.seed, epoch, purpose, *key])
 
     def _order(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
-        """The epoch's row order: (row group index, row within it) per position, both (num_rows,)."""
+        """The epoch's row order: (row group index, row within it) per position, both (num_rows,).
+
+        Shuffled, a row group whose first copy is at place ``i`` of a seeded permutation of the ``count`` units
+        has its copy ``k`` of ``r`` at ``(k + (i + 1/2) / count) / r`` of the epoch: without repeats the permutation's
+        order itself, and the copies of a row group ``1/r`` of the epoch apart."""
         count = len(self.source.units)
+        order = range(count)
+        if self.shuffle:
+            place = np.empty(count)
+            place[self._rng(epoch, 1).permutation(count)] = (np.arange(count) + 0.5) / count
+            first = {unit[:2]: u for u, unit in reversed(list(enumerate(self.source.units)))}
+            copy = np.array([unit[4] for unit in self.source.units])
+            group_place = place[[first[unit[:2]] for unit in self.source.units]]
+            order = np.argsort((copy + group_place) / self._copies, kind="stable")
         units, rows = [], []
-        for unit in (self._rng(epoch, 1).permutation(count) if self.shuffle else range(count)):
+        for unit in order:
             size = self.source.units[unit][2]
             units.append(np.full(size, unit))
             rows.append(self._rng(epoch, 2, unit).permutation(size) if self.shuffle else np.arange(size))

@@ -7,8 +7,9 @@ One optimizer step trains on one global batch of ``batch_size × grad_accum × p
 batches however that product is split (:class:`~steermoe.data.SpeechBatches`); each process reads its
 ``grad_accum`` micro-batches of it. The loss is the mean over all target tokens of the global batch: each
 micro-batch backpropagates its token-summed loss, the gradients are summed over processes, and divided by the
-global token count before clipping, so an update does not depend on how the global batch is split. With float16 frozen weights the
-loss is scaled (``torch.amp.GradScaler``) for the backward and the gradient unscaled before that division.
+global token count before clipping, so an update does not depend on how the global batch is split. With float16
+frozen weights the loss is scaled (``torch.amp.GradScaler``) for the backward and the gradient unscaled before
+that division.
 
 SIGTERM or SIGUSR1 (sent by job schedulers before a kill) makes every process finish the current optimizer step;
 the run then writes a checkpoint, says ``interrupted at step N (SIGTERM); last checkpoint step N (PATH)`` and
@@ -35,7 +36,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .augment import spec_augment, utterance_generator
+from .augment import masks_anything, spec_augment, utterance_generator
 from .checkpoint import (CheckpointError, check_output_dir, load_training_state, remove_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
@@ -180,11 +181,12 @@ def build_model(m: ModelConfig, device: torch.device, *, resuming: bool = False)
         raise ConfigError(f"model.{err.role}={err.path}: {err.reason}{moved}") from None
 
 
-def open_source(data: DataConfig, paths: List[str], *, tokenizer=None, for_eval: bool = False):
+def open_source(data: DataConfig, paths: List[str], *, tokenizer=None, for_eval: bool = False,
+                repeats: Optional[List[int]] = None):
     """A :class:`ParquetSpeechSource` over ``paths`` with ``data``'s columns and filters.
 
     ``for_eval`` keeps every row Whisper can take (only ``max_seconds`` applies): an evaluation set is never
-    filtered by the training limits.
+    filtered by the training limits. ``repeats``: reads per pass of each entry of ``paths`` (None: once).
     """
     from .data import ParquetSpeechSource
 
@@ -193,7 +195,7 @@ def open_source(data: DataConfig, paths: List[str], *, tokenizer=None, for_eval:
         id_column=data.id_column, duration_column=data.duration_column, max_seconds=data.max_seconds,
         min_seconds=None if for_eval else data.min_seconds,
         max_text_tokens=None if for_eval else data.max_text_tokens,
-        tokenizer=None if for_eval or data.max_text_tokens is None else tokenizer)
+        tokenizer=None if for_eval or data.max_text_tokens is None else tokenizer, repeats=repeats)
 
 
 def seed_everything(seed: int) -> None:
@@ -275,6 +277,8 @@ def check_resume_config(cfg: Config, saved_path: str) -> Dict[str, Tuple[Any, An
     with open(saved_path, encoding="utf-8") as f:
         saved = _flatten(yaml.safe_load(f) or {})
     current = _flatten(cfg.to_dict())
+    defaults = _flatten(Config().to_dict())     # a key newer than the run's config: the run had its default
+    saved = {**{key: defaults[key] for key in current.keys() - saved.keys() if key in defaults}, **saved}
     absent = "<absent>"
     differ = {key: (saved.get(key, absent), current.get(key, absent)) for key in sorted(saved.keys() | current.keys())
               if saved.get(key, absent) != current.get(key, absent)}
@@ -378,9 +382,11 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     scaler = torch.amp.GradScaler(env.device.type, enabled=m.dtype == "float16")
 
     # ---- data: length-grouped global batches, each process reading its slice of each
-    train_batches = SpeechBatches(open_source(cfg.data, cfg.data.train, tokenizer=model.tokenizer), tc.batch_size,
-                                  grad_accum=tc.grad_accum, bucket_size=cfg.data.bucket_size, shuffle=True,
-                                  seed=tc.seed, rank=env.rank, world_size=env.world_size)
+    train_source = open_source(cfg.data, cfg.data.train, tokenizer=model.tokenizer,
+                               repeats=cfg.data.train_repeats or None)
+    train_batches = SpeechBatches(train_source, tc.batch_size, grad_accum=tc.grad_accum,
+                                  bucket_size=cfg.data.bucket_size, shuffle=True, seed=tc.seed, rank=env.rank,
+                                  world_size=env.world_size)
     if cfg.data.eval:   # an eval set without a usable row fails now, not at the first evaluation
         next(eval_batches(open_source(cfg.data, cfg.data.eval, for_eval=True), 1, limit=1))
     step = nonfinite_total = nonfinite_in_a_row = 0
@@ -469,7 +475,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     checkpoint_path, eval_summary, interrupted = resume_from, None, False
     num_layers, num_experts = model.encoder.router_bias.shape
     progress.running = True
-    augmenting = bool(tc.spec_time_masks and tc.spec_time_width or tc.spec_freq_masks and tc.spec_freq_width)
+    augmenting = masks_anything(tc.spec_time_masks, tc.spec_time_width, tc.spec_freq_masks, tc.spec_freq_width)
     while step < tc.max_steps:
         t_start = time.perf_counter()
         set_learning_rates(optimizer, tc, step)

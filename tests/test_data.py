@@ -1,5 +1,6 @@
 """Parquet streaming with planted bad rows, filters, and length-grouped, sharded, resumable batches."""
 import io
+import math
 import os
 import subprocess
 import sys
@@ -443,6 +444,47 @@ def test_a_file_named_several_ways_is_read_once_and_default_ids_are_unique(tmp_p
     assert resolve_parquet_files(same) == ["a/part-0.parquet"]
     ids = [e.id for e in ParquetSpeechSource(["a", "b"])]
     assert ids == ["a/part-0.parquet:0", "a/part-0.parquet:1", "b/part-0.parquet:0", "b/part-0.parquet:1"]
+
+
+def test_repeats_read_each_entry_that_many_times_with_distinct_ids(corpus, tmp_path, monkeypatch, caplog):
+    rows = [dict(r, id=f"v{i}") for i, r in enumerate(_speech_rows(5))]
+    (tmp_path / "small").mkdir()
+    small = _write(tmp_path / "small" / "small.parquet", rows, row_group_size=2)
+    durations = Counter()
+    read_durations = ParquetSpeechSource._read_durations
+    monkeypatch.setattr(ParquetSpeechSource, "_read_durations",
+                        lambda self, f, g: durations.update([(f, g)]) or read_durations(self, f, g))
+    with pytest.raises(ValueError, match=r"small\.parquet is named by .*small.* \(repeats 3\) and by .* \(repeats 1\)"):
+        ParquetSpeechSource([corpus, str(tmp_path / "small"), small], repeats=[1, 3, 1])
+    source = ParquetSpeechSource([corpus, str(tmp_path / "small"), small], id_column="id",
+                                 repeats=np.array([1, 3, 3]))        # named twice with one count: read 3 times
+    assert source.num_rows == 48 + 3 * 5
+    examples = {e.id: e for e in source}
+    copies = [f"v{i}{suffix}" for suffix in ("", "~1", "~2") for i in range(5)]
+    assert sorted(examples) == sorted([f"u{i:02d}" for i in range(48)] + copies)
+    for i in range(5):
+        np.testing.assert_array_equal(examples[f"v{i}~2"].audio, examples[f"v{i}"].audio)
+        assert examples[f"v{i}~1"].text == examples[f"v{i}"].text
+    batches = SpeechBatches(source, 4, bucket_size=16, seed=3)
+    assert len(batches) == 3 * 4 + math.ceil(15 / 4)        # 63 rows: buckets of 16, 16, 16 and 15
+    served = sum(_ids(batches), [])
+    assert sorted(served) == sorted(examples)
+    assert set(durations.values()) == {1} and len(durations) == 8 + 3     # once per row group, copies share it
+    # copy k of 3 is placed in the k-th third of the epoch: each row's copies come in separate, later steps
+    for seed in range(4):
+        step_of = {i: step for step, ids in enumerate(_ids(SpeechBatches(source, 4, bucket_size=8, seed=seed)))
+                   for i in ids}
+        for i in range(5):
+            assert step_of[f"v{i}"] < step_of[f"v{i}~1"] < step_of[f"v{i}~2"], (seed, i)
+    assert "usually share a batch" not in caplog.text
+    SpeechBatches(source, 4, bucket_size=32, seed=0)         # 2 buckets for 3 copies: said
+    assert "rows read 3 times per epoch in 2 bucket(s) of 32 rows" in caplog.text and "at most 21" in caplog.text
+
+
+@pytest.mark.parametrize("repeats", [[2], [1, 0], [1, True], [1, 1.5]])
+def test_bad_repeats_are_named(corpus, one_group, repeats):
+    with pytest.raises(ValueError, match=r"repeats must hold one int >= 1 per data path \(2\)"):
+        ParquetSpeechSource([corpus, one_group], repeats=repeats)
 
 
 # ------------------------------------------------------------------------------------------------ shuffle

@@ -72,13 +72,16 @@ def test_generated_set_schema_and_determinism(tmp_path):
         assert rate == 16000 and 0.5 < len(samples) / rate < 10 and samples.std() > 0.01
     source = ParquetSpeechSource(str(tmp_path / "a.parquet"), id_column="id")
     assert [e.text for e in source] == a.column("text").to_pylist() and not source.skipped
+    make_speech.main([*args, "--id-prefix", "tel", "--output", str(tmp_path / "c.parquet")])
+    assert pq.read_table(tmp_path / "c.parquet").column("id").to_pylist() == ["tel-00000", "tel-00001", "tel-00002"]
 
 
 def test_main_rejects_bad_arguments(tmp_path, capsys):
-    for bad in (["--sentences", "-2"], ["--row-group-size", "0"]):
+    for bad in (["--sentences", "-2"], ["--row-group-size", "0"], ["--sentences", "1", "--id-prefix", " "],
+                ["--sentences", "1", "--id-prefix", "a~b"], ["--id-prefix", "tel"]):
         with pytest.raises(SystemExit):
             make_speech.main([*bad, "--output", str(tmp_path / "x.parquet")])
-        assert bad[0] in capsys.readouterr().err
+        assert bad[-2] in capsys.readouterr().err
 
 
 def test_telephone_channel_keeps_the_voice_band_and_drops_the_rest():

@@ -249,15 +249,16 @@ def tiny_assets() -> dict:
 SPEECH = os.path.join(os.path.dirname(steermoe.__file__), "demo", "speech.parquet")
 
 
-def tiny_config(output_dir, data="rows4", dtype="float32", **train) -> Config:
-    """A CPU run on the tiny models (frozen weights in ``dtype``); ``train`` entries override ``train.*`` keys."""
+def tiny_config(output_dir, data="rows4", dtype="float32", extra=(), **train) -> Config:
+    """A CPU run on the tiny models (frozen weights in ``dtype``); ``train`` entries override ``train.*`` keys,
+    ``extra`` holds further ``key=value`` overrides."""
     a = tiny_assets()
     overrides = [f"model.whisper={a['whisper']}", f"model.llm={a['llm']}", f"model.dtype={dtype}",
                  "model.num_experts=3", "model.max_new_tokens=6", f"data.train={a[data]}", f"output_dir={output_dir}",
                  "train.device=cpu", "train.warmup_steps=1", "train.log_every=100", "train.save_every=100",
                  "train.lr_router=3e-3", "train.lr_vectors=2e-3", "train.lr_scales=1e-2", "train.lr_projector=1e-3",
                  "train.keep_checkpoints=0"]
-    return load_config(None, overrides + [f"train.{k}={v}" for k, v in train.items()])
+    return load_config(None, overrides + list(extra) + [f"train.{k}={v}" for k, v in train.items()])
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,6 +319,15 @@ def test_splitting_the_batch_into_accumulation_steps_gives_the_same_update(tmp_p
     whole_records = read_metrics(os.path.join(tmp_path / "whole", "metrics.jsonl"))
     assert [r["samples"] for r in records] == [4, 4, 4]
     assert [r["tokens"] for r in records] == [r["tokens"] for r in whole_records]
+
+
+def test_train_repeats_serve_each_copy_once_per_epoch(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(steermoe.train, "utterance_generator",
+                        lambda seed, step, utterance_id: seen.append((step, utterance_id)) or None)
+    train(tiny_config(tmp_path, extra=["data.train_repeats=[2]"], batch_size=4, max_steps=2, **SPEC))
+    originals = sorted(i for _, i in seen if "~" not in i)
+    assert len(originals) == 4 and sorted(i for _, i in seen) == sorted(originals + [f"{i}~1" for i in originals])
 
 
 def test_per_group_lrs_and_schedule_reach_the_optimizer(tmp_path):
@@ -558,6 +568,19 @@ def test_float16_scales_the_loss_and_a_resumed_run_keeps_the_scale_and_the_skip_
         assert (a["nonfinite_total"], a["nonfinite_in_a_row"]) == (b["nonfinite_total"], b["nonfinite_in_a_row"])
     assert load_training_state(step_dir(str(tmp_path / "killed"), 2))["nonfinite_in_a_row"] == 0
     assert_same_trained_weights(tmp_path / "straight", tmp_path / "killed")
+
+
+def test_resume_takes_a_run_config_older_than_a_key_as_that_keys_default(tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run(), out)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["data"]["train_repeats"], saved["train"]["spec_time_masks"]       # keys a newer version added
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert train(tiny_config(out, batch_size=2, max_steps=3), resume=True)["step"] == 3
+    with pytest.raises(CheckpointError, match=r"data\.train_repeats: \[\] -> \[2\]"):
+        train(tiny_config(out, extra=["data.train_repeats=[2]"], batch_size=2, max_steps=4), resume=True)
 
 
 def test_resume_refuses_a_config_that_changes_the_run_and_takes_safe_changes(tmp_path, monkeypatch):

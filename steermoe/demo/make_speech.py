@@ -216,12 +216,21 @@ def main(argv=None) -> None:
     parser.add_argument("--speeds", type=_csv(int), default=list(TRAIN_SPEEDS), help="words per minute, comma-separated")
     parser.add_argument("--pitches", type=_csv(int), default=list(TRAIN_PITCHES), help="0-99, comma-separated")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sentences and each one's voice")
+    parser.add_argument("--id-prefix", default="espeak",
+                        help="ids of the generated utterances: '<prefix>-00000', ...; give each set mixed into one "
+                             "run its own prefix (with --sentences or --texts)")
     parser.add_argument("--telephone", action="store_true",
                         help="pass the speech through a telephone channel (8 kHz band limit, G.711 mu-law)")
     parser.add_argument("--row-group-size", type=int, default=64, help="rows per parquet row group")
     args = parser.parse_args(argv)
     if args.sentences < 0:
         parser.error(f"--sentences must be >= 0; got {args.sentences}")
+    if args.id_prefix != "espeak" and not (args.sentences or args.texts):
+        parser.error("--id-prefix names generated utterances: it needs --sentences or --texts (the demo set's ids "
+                     "are fixed)")
+    if not args.id_prefix.strip() or "~" in args.id_prefix:
+        parser.error(f"--id-prefix must be non-blank and without '~' (marks a repeated row's copy); got "
+                     f"{args.id_prefix!r}")
     if args.row_group_size < 1:
         parser.error(f"--row-group-size must be >= 1; got {args.row_group_size}")
     if args.sentences or args.texts:
@@ -229,7 +238,7 @@ def main(argv=None) -> None:
         for path in args.texts:
             texts += read_texts(path)
         utterances = training_utterances(texts, voices=args.voices, speeds=args.speeds, pitches=args.pitches,
-                                         seed=args.seed)
+                                         seed=args.seed, prefix=args.id_prefix)
     else:
         utterances = demo_utterances()
     table = build_table(utterances, telephone=args.telephone)
