@@ -493,8 +493,9 @@ class _TableReader:
 
 
 def _copies_per_file(paths, files: List[str], repeats: Optional[Sequence[int]], table: bool) -> List[int]:
-    """Copies of each of ``files`` per pass: ``repeats[i]`` for the files entry ``i`` of ``paths`` names (the
-    first entry naming a file counts), or ``repeats[0]`` for a Dataset or Table; 1 each without ``repeats``."""
+    """Copies of each of ``files`` per pass: ``repeats[i]`` for the files entry ``i`` of ``paths`` names (a file
+    named by two entries with different counts raises), or ``repeats[0]`` for a Dataset or Table; 1 each without
+    ``repeats``."""
     if repeats is None:
         return [1] * len(files)
     entries = [paths] if table or isinstance(paths, (str, os.PathLike)) else list(paths)
