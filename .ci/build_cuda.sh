@@ -14,7 +14,14 @@ step() { printf '[build_cuda %4ds] %s\n' "$((SECONDS - START))" "$*"; }
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-step "environment: torch==2.14.1 (CUDA 13) + build tools"
+# torch's CUDA build with its nvidia packages is about 5.5 GB installed, plus the downloaded wheels while pip runs.
+NEED_GB=9
+FREE_GB=$(( $(df -k --output=avail "$WORK" | tail -n 1) / 1048576 ))
+if [ "$FREE_GB" -lt "$NEED_GB" ]; then
+  echo "=== CUDA BUILD SKIPPED: ${FREE_GB} GB free under $WORK, about ${NEED_GB} GB needed ==="
+  exit 0
+fi
+step "environment: torch==2.14.1 (CUDA 13) + build tools (${FREE_GB} GB free)"
 python3 -m venv "$WORK/venv"
 . "$WORK/venv/bin/activate"
 python -m pip install -q -U pip

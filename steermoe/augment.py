@@ -1,20 +1,27 @@
-"""SpecAugment-style masking of log-mel features for training (Park et al., 2019: time and frequency masks).
+"""Training augmentation: speed perturbation of waveforms (Ko et al., 2015) and SpecAugment-style masking of
+log-mel features (Park et al., 2019: time and frequency masks).
 
     generators = [utterance_generator(seed, step, utterance_id) for utterance_id in batch.ids]
+    factors = speed_factors(0.1, generators)                               # drawn first, then the masks
+    waveforms, lengths = speed_perturb(batch.waveforms, batch.lengths, factors, max_samples=480000)
     features = spec_augment(features, mask, time_masks=2, time_width=15, freq_masks=2, freq_width=10,
                             generators=generators)
 
-Each utterance gets ``time_masks`` bands of ``0..time_width`` consecutive real frames (at most
-:data:`MAX_TIME_FRACTION` of its length each) and ``freq_masks`` bands of ``0..freq_width`` mel bins, set to the
-utterance's mean log-mel value (over its real frames); padding frames are left as they are. Each utterance's
-draws come from its own CPU generator: keyed by (seed, step, utterance id), its masks do not depend on the device,
-on the batch it shares, or on how a global batch is split over processes and accumulation steps.
+Speed perturbation resamples each waveform to play ``factor`` times as fast (tempo and pitch together, as sox's
+``speed``), the factor uniform in [1 - p, 1 + p]. Each utterance gets ``time_masks`` bands of ``0..time_width``
+consecutive real frames (at most :data:`MAX_TIME_FRACTION` of its length each) and ``freq_masks`` bands of
+``0..freq_width`` mel bins, set to the utterance's mean log-mel value (over its real frames); padding frames are
+left as they are. Each utterance's draws come from its own CPU generator: keyed by (seed, step, utterance id), its
+factor and masks do not depend on the device, on the batch it shares, or on how a global batch is split over
+processes and accumulation steps.
 """
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .config import MAX_SPEED_PERTURB
 
 MAX_TIME_FRACTION = 0.2   # SpecAugment's p: one time mask covers at most this fraction of an utterance
 
@@ -30,6 +37,50 @@ def utterance_generator(seed: int, step: int, utterance_id: str) -> torch.Genera
 def masks_anything(time_masks: int, time_width: int, freq_masks: int, freq_width: int) -> bool:
     """Whether these settings mask any frame or bin (a count or a width of 0 turns that kind of mask off)."""
     return bool(time_masks and time_width or freq_masks and freq_width)
+
+
+def speed_factors(perturb: float, generators: Sequence[Optional[torch.Generator]]) -> List[float]:
+    """One speed factor per generator, uniform in [1 - perturb, 1 + perturb] (``perturb`` 0: all 1.0, nothing
+    drawn)."""
+    if isinstance(perturb, bool) or not isinstance(perturb, (int, float)) or not 0 <= perturb < MAX_SPEED_PERTURB:
+        raise ValueError(f"perturb must be a number in [0, {MAX_SPEED_PERTURB}); got {perturb!r}")
+    if perturb == 0:
+        return [1.0] * len(generators)
+    return [1.0 + perturb * (2.0 * torch.rand(1, generator=g, device="cpu").item() - 1.0) for g in generators]
+
+
+def speed_perturb(waveforms: Tensor, lengths: Tensor, factors: Sequence[float],
+                  max_samples: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Each waveform played ``factor`` times as fast: ``(waveforms (B, S'), lengths (B,))``, new tensors.
+
+    ``waveforms``: (B, S) float, zero after each row's ``lengths`` (B,) samples. Row b is resampled to
+    ``round(lengths[b] / factors[b])`` samples (at least 1 unless empty; at most ``max_samples``: a clip slowed past
+    it is slowed only to fill it) by linear interpolation between sample centres (little aliasing for factors near
+    1 on speech at 16 kHz), and zero-padded to the longest new row.
+    """
+    if waveforms.dim() != 2:
+        raise ValueError(f"waveforms must be (B, S); got shape {tuple(waveforms.shape)}")
+    batch = waveforms.shape[0]
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must be (B,) = ({batch},); got shape {tuple(lengths.shape)}")
+    if len(factors) != batch or not all(f > 0 for f in factors):
+        raise ValueError(f"factors must be {batch} numbers > 0; got {list(factors)!r}")
+    old = lengths.tolist()
+    new = [n and max(1, round(n / f)) for n, f in zip(old, factors)]
+    if max_samples is not None:
+        new = [min(m, max(max_samples, n)) for m, n in zip(new, old)]
+    out = waveforms.new_zeros(batch, max(new, default=0))
+    for b, (n, m) in enumerate(zip(old, new)):
+        if n == m:
+            out[b, :n] = waveforms[b, :n]
+            continue
+        # sample centres aligned, positions in float64 (a float32 position is 0.03 samples off at 30 s)
+        where = ((torch.arange(m, dtype=torch.float64, device=waveforms.device) + 0.5) * (n / m) - 0.5).clamp(0, n - 1)
+        left = where.floor().long()
+        frac = (where - left).to(torch.float32)
+        row = waveforms[b, :n].float()
+        out[b, :m] = torch.lerp(row[left], row[(left + 1).clamp(max=n - 1)], frac).to(waveforms.dtype)
+    return out, torch.tensor(new, dtype=lengths.dtype, device=lengths.device)
 
 
 def _bands(count: int, max_width: int, size: int, extent: int, generator: Optional[torch.Generator]) -> Tensor:

@@ -20,6 +20,7 @@ import yaml
 
 WHISPER_SECONDS = 30.0                    # the longest input Whisper's encoder takes
 REPORT_TO = ("none", "tensorboard")       # train.report_to: where metrics go besides metrics.jsonl
+MAX_SPEED_PERTURB = 0.5                   # train.speed_perturb < this: speed factors stay inside (0.5, 1.5)
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _key(False, "recompute the frozen encoder layers in the backward to save memory")
     aux_loss_weight: float = _key(0.0, "weight of the load-balancing loss on the router's gating")
     z_loss_weight: float = _key(0.0, "weight of the router z-loss: mean logsumexp(router logits)^2")
+    speed_perturb: float = _key(0.0, "speed perturbation: each training utterance played at a speed uniform in "
+                                     "[1 - p, 1 + p] (steermoe.augment)")
     spec_time_masks: int = _key(0, "SpecAugment time masks per training utterance (steermoe.augment)")
     spec_time_width: int = _key(0, "widest time mask, in 10 ms frames (at most a fifth of the utterance)")
     spec_freq_masks: int = _key(0, "SpecAugment frequency masks per training utterance")
@@ -160,6 +163,8 @@ class Config:
         _require(d.bucket_size is None or d.bucket_size >= t.batch_size, "data.bucket_size",
                  f"null or >= train.batch_size={t.batch_size}", d.bucket_size)
         _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "in [0, 1]", t.min_lr_ratio)
+        _require(0 <= t.speed_perturb < MAX_SPEED_PERTURB, "train.speed_perturb", f"in [0, {MAX_SPEED_PERTURB})",
+                 t.speed_perturb)
         _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
                  "two numbers in [0, 1)", t.betas)
         _require(t.parallel in ("ddp", "fsdp"), "train.parallel", "ddp or fsdp", t.parallel)

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .augment import masks_anything, spec_augment, utterance_generator
+from .augment import masks_anything, spec_augment, speed_factors, speed_perturb, utterance_generator
 from .checkpoint import (CheckpointError, check_output_dir, load_training_state, remove_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
@@ -475,7 +475,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     checkpoint_path, eval_summary, interrupted = resume_from, None, False
     num_layers, num_experts = model.encoder.router_bias.shape
     progress.running = True
-    augmenting = masks_anything(tc.spec_time_masks, tc.spec_time_width, tc.spec_freq_masks, tc.spec_freq_width)
+    augmenting = tc.speed_perturb > 0 or masks_anything(tc.spec_time_masks, tc.spec_time_width,
+                                                        tc.spec_freq_masks, tc.spec_freq_width)
     while step < tc.max_steps:
         t_start = time.perf_counter()
         set_learning_rates(optimizer, tc, step)
@@ -492,12 +493,17 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
             if placeholder and not fsdp:
                 continue
             batch = placeholder_batch() if placeholder else batch
-            features, mask = model.features(batch.to(env.device))
+            # one generator per utterance and step: its speed factor first, then its masks
+            generators = [utterance_generator(tc.seed, step, i) for i in batch.ids] if augmenting else None
+            waveforms, lengths = batch.waveforms, batch.lengths
+            if tc.speed_perturb > 0:
+                waveforms, lengths = speed_perturb(waveforms, lengths, speed_factors(tc.speed_perturb, generators),
+                                                   max_samples=model.window_samples)
+            features, mask = model.features(waveforms, lengths)
             if augmenting:
                 features = spec_augment(features, mask, time_masks=tc.spec_time_masks,
                                         time_width=tc.spec_time_width, freq_masks=tc.spec_freq_masks,
-                                        freq_width=tc.spec_freq_width,
-                                        generators=[utterance_generator(tc.seed, step, i) for i in batch.ids])
+                                        freq_width=tc.spec_freq_width, generators=generators)
             with autocast_for(model):
                 out = model(features, attention_mask=mask, texts=batch.texts, prompts=batch.prompts,
                             return_gating=tc.aux_loss_weight > 0 or log_health,

@@ -1,8 +1,10 @@
-"""SpecAugment-style masking: bands inside the real frames, set to the utterance's mean, seeded by a key."""
+"""Training augmentation: speed perturbation against a float64 resampling, SpecAugment-style masking (bands inside the
+real frames, set to the utterance's mean), each seeded by an utterance key."""
+import numpy as np
 import pytest
 import torch
 
-from steermoe.augment import MAX_TIME_FRACTION, spec_augment, utterance_generator
+from steermoe.augment import MAX_TIME_FRACTION, spec_augment, speed_factors, speed_perturb, utterance_generator
 
 
 def keyed(n, step=3, seed=0):
@@ -82,3 +84,60 @@ def test_half_precision_features_get_a_finite_mean():
     features[0, :, 1500:] = -0.5
     out = spec_augment(features, time_masks=2, time_width=50, freq_masks=2, freq_width=10, generators=keyed(1))
     assert (out != features).any() and torch.isfinite(out).all() and (out[out != features] == 0).all()
+
+
+def resampled64(row: np.ndarray, new_length: int) -> np.ndarray:
+    """Float64 linear resampling to ``new_length`` samples, sample centres aligned (half-pixel), ends held."""
+    n = len(row)
+    where = (np.arange(new_length) + 0.5) * n / new_length - 0.5
+    return np.interp(where, np.arange(n), row.astype(np.float64))
+
+
+def test_speed_perturb_matches_a_float64_resampling_and_pads_with_zeros():
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([1001, 517, 0, 64])
+    waveforms = torch.randn(4, 1001, generator=generator)
+    waveforms[torch.arange(1001)[None, :] >= lengths[:, None]] = 0
+    factors = [0.9, 1.13, 1.05, 1.0]
+    out, new = speed_perturb(waveforms, lengths, factors)
+    expected = [round(1001 / 0.9), round(517 / 1.13), 0, 64]
+    assert new.tolist() == expected and new.dtype == lengths.dtype and out.shape == (4, max(expected))
+    for b, m in enumerate(expected):
+        if m:
+            ref = resampled64(waveforms[b, :lengths[b]].numpy(), m)
+            np.testing.assert_allclose(out[b, :m].double().numpy(), ref, rtol=0, atol=1e-5)
+        assert not out[b, m:].any()
+    assert torch.equal(out[3, :64], waveforms[3, :64])                          # factor 1: the same samples
+
+
+def test_a_faster_tone_is_shorter_and_higher():
+    t = np.arange(16000) / 16000.0
+    tone = torch.tensor(np.sin(2 * np.pi * 440.0 * t), dtype=torch.float32)[None]
+    out, new = speed_perturb(tone, torch.tensor([16000]), [1.1])
+    assert int(new) == round(16000 / 1.1)
+    crossings = int((np.diff(np.sign(out[0, :int(new)].numpy())) != 0).sum())
+    cycles_per_second = crossings / 2 / (int(new) / 16000.0)
+    assert cycles_per_second == pytest.approx(484.0, abs=2.0)
+
+
+def test_slowing_stops_at_max_samples_and_bad_arguments_are_named():
+    waveforms, lengths = torch.ones(2, 200), torch.tensor([100, 200])
+    _, new = speed_perturb(waveforms, lengths, [0.5, 0.8], max_samples=150)
+    assert new.tolist() == [150, 200]                      # filled to the limit; already past it: not slowed
+    with pytest.raises(ValueError, match="waveforms must be"):
+        speed_perturb(waveforms[0], lengths, [1.0, 1.0])
+    with pytest.raises(ValueError, match="lengths must be"):
+        speed_perturb(waveforms, lengths[:1], [1.0, 1.0])
+    with pytest.raises(ValueError, match="factors must be 2 numbers > 0"):
+        speed_perturb(waveforms, lengths, [1.0, 0.0])
+
+
+def test_speed_factors_are_uniform_in_the_range_and_keyed():
+    factors = speed_factors(0.1, [utterance_generator(0, step, "u") for step in range(400)])
+    assert all(0.9 <= f <= 1.1 for f in factors)
+    assert min(factors) < 0.91 and max(factors) > 1.09 and abs(np.mean(factors) - 1.0) < 0.01
+    assert speed_factors(0.1, keyed(3)) == speed_factors(0.1, keyed(3)) != speed_factors(0.1, keyed(3, step=4))
+    assert speed_factors(0.0, keyed(2)) == [1.0, 1.0]
+    for bad in (0.5, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="perturb must be a number in"):
+            speed_factors(bad, keyed(1))

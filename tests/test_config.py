@@ -80,6 +80,8 @@ def test_unknown_key_without_a_near_one_suggests_nothing(tmp_path):
     ("train.min_lr_ratio=2", "train.min_lr_ratio"),
     ("data.train=[]", "data.train"),
     ("data.train_repeats=[0]", "data.train_repeats"),
+    ("train.speed_perturb=0.5", "train.speed_perturb"),
+    ("train.speed_perturb=-0.1", "train.speed_perturb"),
     ("data.train_repeats=[1, 2]", "data.train_repeats"),  # BASE names one training file
     ("model.whisper=", "model.whisper"),
     ("model.steering_scale=.nan", "model.steering_scale"),

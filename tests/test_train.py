@@ -294,9 +294,10 @@ def capture_gradients(monkeypatch):
 
 
 SPEC = dict(spec_time_masks=2, spec_time_width=30, spec_freq_masks=2, spec_freq_width=20)
+SPEED = dict(speed_perturb=0.2)
 
 
-@pytest.mark.parametrize("augment", [{}, SPEC], ids=["plain", "spec_augment"])
+@pytest.mark.parametrize("augment", [{}, SPEC, dict(SPEC, **SPEED)], ids=["plain", "spec_augment", "speed_and_masks"])
 def test_splitting_the_batch_into_accumulation_steps_gives_the_same_update(tmp_path, monkeypatch, augment):
     runs = {}
     for name, batch, accum in (("whole", 4, 1), ("halves", 2, 2), ("singles", 1, 4)):
@@ -473,9 +474,12 @@ def test_killed_run_resumed_reproduces_the_uninterrupted_run(tmp_path, monkeypat
     assert [s for s, _ in list_checkpoints(str(tmp_path / "killed"))] == [4, 6]      # keep_checkpoints=2
 
 
-def test_spec_augment_changes_the_steps_and_a_resumed_run_masks_as_the_uninterrupted_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("augment", [SPEC, SPEED], ids=["spec_augment", "speed"])
+def test_augmentation_changes_the_steps_and_a_resumed_run_augments_as_the_uninterrupted_one(tmp_path, monkeypatch,
+                                                                                            augment):
     train(tiny_config(tmp_path / "plain", data="rows5", batch_size=2, max_steps=4))
-    train_straight_and_killed(tmp_path, monkeypatch, 2, data="rows5", batch_size=2, max_steps=4, save_every=2, **SPEC)
+    train_straight_and_killed(tmp_path, monkeypatch, 2, data="rows5", batch_size=2, max_steps=4, save_every=2,
+                              **augment)
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
     assert_same_trained_weights(tmp_path / "straight", tmp_path / "killed")
     plain, masked = losses(tmp_path / "plain"), losses(tmp_path / "straight")
