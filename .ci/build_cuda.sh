@@ -15,13 +15,15 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
 # torch's CUDA build with its nvidia packages is about 5.5 GB installed, plus the downloaded wheels while pip runs.
-NEED_GB=9
-FREE_GB=$(( $(df -k --output=avail "$WORK" | tail -n 1) / 1048576 ))
-if [ "$FREE_GB" -lt "$NEED_GB" ]; then
-  echo "=== CUDA BUILD SKIPPED: ${FREE_GB} GB free under $WORK, about ${NEED_GB} GB needed ==="
+# STEERMOE_CI_REQUIRE_CUDA=1 makes too little disk a failure instead of a skip.
+NEED_GIB=9
+FREE_GIB=$(( $(df -k --output=avail "$WORK" | tail -n 1) / 1048576 ))
+if [ "$FREE_GIB" -lt "$NEED_GIB" ]; then
+  echo "=== CUDA BUILD SKIPPED: ${FREE_GIB} GiB free under $WORK, about ${NEED_GIB} GiB needed ==="
+  [ "${STEERMOE_CI_REQUIRE_CUDA:-0}" = 1 ] && exit 1
   exit 0
 fi
-step "environment: torch==2.14.1 (CUDA 13) + build tools (${FREE_GB} GB free)"
+step "environment: torch==2.14.1 (CUDA 13) + build tools (${FREE_GIB} GiB free)"
 python3 -m venv "$WORK/venv"
 . "$WORK/venv/bin/activate"
 python -m pip install -q -U pip

@@ -7,8 +7,9 @@ log-mel features (Park et al., 2019: time and frequency masks).
     features = spec_augment(features, mask, time_masks=2, time_width=15, freq_masks=2, freq_width=10,
                             generators=generators)
 
-Speed perturbation resamples each waveform to play ``factor`` times as fast (tempo and pitch together, as sox's
-``speed``), the factor uniform in [1 - p, 1 + p]. Each utterance gets ``time_masks`` bands of ``0..time_width``
+Speed perturbation resamples each waveform to play ``factor`` times as fast (tempo and pitch together, like sox's
+``speed`` effect but by linear interpolation, without its low-pass filter), the factor uniform in [1 - p, 1 + p]; a
+perturbed clip may fall outside ``data.min_seconds`` / ``max_seconds`` (only the encoder's window is enforced). Each utterance gets ``time_masks`` bands of ``0..time_width``
 consecutive real frames (at most :data:`MAX_TIME_FRACTION` of its length each) and ``freq_masks`` bands of
 ``0..freq_width`` mel bins, set to the utterance's mean log-mel value (over its real frames); padding frames are
 left as they are. Each utterance's draws come from its own CPU generator: keyed by (seed, step, utterance id), its

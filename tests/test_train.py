@@ -322,6 +322,32 @@ def test_splitting_the_batch_into_accumulation_steps_gives_the_same_update(tmp_p
     assert [r["tokens"] for r in records] == [r["tokens"] for r in whole_records]
 
 
+def test_an_utterances_speed_factor_and_masks_come_from_one_generator_and_slowing_stops_at_the_window(
+        tmp_path, monkeypatch):
+    seen = {"factors": [], "masks": [], "max_samples": []}
+    real_factors, real_perturb, real_masks = (steermoe.train.speed_factors, steermoe.train.speed_perturb,
+                                              steermoe.train.spec_augment)
+
+    def factors(perturb, generators):
+        seen["factors"].append([id(g) for g in generators])
+        return real_factors(perturb, generators)
+
+    def perturb(waveforms, lengths, factors, max_samples=None):
+        seen["max_samples"].append(max_samples)
+        return real_perturb(waveforms, lengths, factors, max_samples=max_samples)
+
+    def masks(features, mask, generators=None, **kw):
+        seen["masks"].append([id(g) for g in generators])
+        return real_masks(features, mask, generators=generators, **kw)
+
+    monkeypatch.setattr(steermoe.train, "speed_factors", factors)
+    monkeypatch.setattr(steermoe.train, "speed_perturb", perturb)
+    monkeypatch.setattr(steermoe.train, "spec_augment", masks)
+    train(tiny_config(tmp_path, batch_size=2, max_steps=2, **SPEC, **SPEED))
+    assert len(seen["factors"]) == 2 and seen["factors"] == seen["masks"]
+    assert seen["max_samples"] == [30 * 16000] * 2                  # Whisper's 30 s window, in samples
+
+
 def test_train_repeats_serve_each_copy_once_per_epoch(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(steermoe.train, "utterance_generator",
