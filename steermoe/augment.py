@@ -9,10 +9,11 @@ log-mel features (Park et al., 2019: time and frequency masks).
 
 Speed perturbation resamples each waveform to play ``factor`` times as fast (tempo and pitch together, like sox's
 ``speed`` effect but by linear interpolation, without its low-pass filter), the factor uniform in [1 - p, 1 + p]; a
-perturbed clip may fall outside ``data.min_seconds`` / ``max_seconds`` (only the encoder's window is enforced). Each utterance gets ``time_masks`` bands of ``0..time_width``
-consecutive real frames (at most :data:`MAX_TIME_FRACTION` of its length each) and ``freq_masks`` bands of
-``0..freq_width`` mel bins, set to the utterance's mean log-mel value (over its real frames); padding frames are
-left as they are. Each utterance's draws come from its own CPU generator: keyed by (seed, step, utterance id), its
+perturbed clip may fall outside ``data.min_seconds`` / ``max_seconds`` (only the encoder's window is enforced).
+
+Each utterance gets ``time_masks`` bands of ``0..time_width`` consecutive real frames (at most
+:data:`MAX_TIME_FRACTION` of its length each) and ``freq_masks`` bands of ``0..freq_width`` mel bins, set to the
+utterance's mean log-mel value (over its real frames); padding frames are left as they are. Each utterance's draws come from its own CPU generator: keyed by (seed, step, utterance id), its
 factor and masks do not depend on the device, on the batch it shares, or on how a global batch is split over
 processes and accumulation steps.
 """
