@@ -13,9 +13,11 @@ perturbed clip may fall outside ``data.min_seconds`` / ``max_seconds`` (only the
 
 Each utterance gets ``time_masks`` bands of ``0..time_width`` consecutive real frames (at most
 :data:`MAX_TIME_FRACTION` of its length each) and ``freq_masks`` bands of ``0..freq_width`` mel bins, set to the
-utterance's mean log-mel value (over its real frames); padding frames are left as they are. Each utterance's draws come from its own CPU generator: keyed by (seed, step, utterance id), its
-factor and masks do not depend on the device, on the batch it shares, or on how a global batch is split over
-processes and accumulation steps.
+utterance's mean log-mel value (over its real frames); padding frames are left as they are.
+
+Each utterance's draws come from its own CPU generator: keyed by (seed, step, utterance id), its factor and masks
+do not depend on the device, on the batch it shares, or on how a global batch is split over processes and
+accumulation steps.
 """
 from typing import List, Optional, Sequence, Tuple
 
