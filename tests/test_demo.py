@@ -45,7 +45,7 @@ def test_demo_whisper_output_depends_on_the_audio(tmp_path):
 
 @pytest.mark.slow
 def test_demo_learns_the_utterances_it_trains_on(tmp_path):
-    """The whole demo as `steermoe demo` runs it (~4 min on 2 idle cores): the loss and the train WER fall."""
+    """The whole demo as `steermoe demo` runs it (4–10 min on 2 cores): the loss and the train WER fall."""
     result = demo.run_demo(str(tmp_path))
     assert result["loss_end"] < 0.25 * result["loss_start"]
     before, after = result["before"], result["after"]
