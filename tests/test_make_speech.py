@@ -11,6 +11,7 @@ from steermoe.demo import make_speech
 from steermoe.demo.sentences import TEMPLATES, VOCABULARY, templated_sentences
 
 HAS_ESPEAK = shutil.which("espeak-ng") is not None
+HAS_FLITE = shutil.which("flite") is not None
 
 
 def test_templated_sentences_are_distinct_seeded_and_filled():
@@ -74,6 +75,63 @@ def test_generated_set_schema_and_determinism(tmp_path):
     assert [e.text for e in source] == a.column("text").to_pylist() and not source.skipped
     make_speech.main([*args, "--id-prefix", "tel", "--output", str(tmp_path / "c.parquet")])
     assert pq.read_table(tmp_path / "c.parquet").column("id").to_pylist() == ["tel-00000", "tel-00001", "tel-00002"]
+
+
+def median_f0(samples, rate=16000):
+    """Median autocorrelation pitch (Hz) over the voiced 40 ms frames of ``samples``."""
+    import numpy as np
+
+    frame, pitches = int(0.04 * rate), []
+    for start in range(0, len(samples) - frame, frame // 2):
+        x = samples[start:start + frame] - samples[start:start + frame].mean()
+        if x.std() < 0.02:
+            continue
+        ac = np.correlate(x, x, "full")[frame - 1:]
+        lag = rate // 400 + int(np.argmax(ac[rate // 400: rate // 60]))
+        if ac[lag] > 0.5 * ac[0]:
+            pitches.append(rate / lag)
+    return float(np.median(pitches))
+
+
+def test_flite_voices_map_speed_and_pitch_to_its_parameters(monkeypatch):
+    seen = []
+
+    def run(command, check):
+        seen.append(command)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(make_speech, "flite_voices", lambda: ("flite:slt", "flite:awb"))
+    monkeypatch.setattr(make_speech.subprocess, "run", run)
+    with pytest.raises(RuntimeError, match="stop"):
+        make_speech.synthesize("Hello.", "flite:awb", 140, 70)
+    assert seen[-1] == ["flite", "-voice", "awb", "--setf", "duration_stretch=1.2500", "--setf",
+                        f"f0_shift={2 ** 0.2:.4f}", "-t", "Hello.", "-o", seen[-1][-1]]
+    with pytest.raises(RuntimeError, match="stop"):
+        make_speech.synthesize("Hello.", "en-us+f2", 140, 70)
+    assert seen[-1][:7] == ["espeak-ng", "-v", "en-us+f2", "-s", "140", "-p", "70"]
+    # flite falls back to its default voice on an unknown name: the name is checked before flite runs
+    with pytest.raises(ValueError, match="voice 'flite:rms': flite offers flite:slt, flite:awb"):
+        make_speech.synthesize("Hello.", "flite:rms", 140)
+    assert len(seen) == 2
+
+
+def test_main_rejects_an_unknown_flite_voice_before_synthesising(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(make_speech, "flite_voices", lambda: ())
+    monkeypatch.setattr(make_speech, "build_table", lambda *a, **k: pytest.fail("synthesised"))
+    with pytest.raises(SystemExit):
+        make_speech.main(["--sentences", "1", "--voices", "en-us,flite:slt", "--output", str(tmp_path / "x.parquet")])
+    assert "--voices: voice 'flite:slt': flite offers nothing (not installed" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_FLITE, reason="flite is not installed (apt-get install -y flite)")
+def test_flite_speed_stretches_durations_and_pitch_scales_f0():
+    text = "Please enter the extension number followed by the pound key."
+    own = make_speech.synthesize(text, "flite:slt", make_speech.ESPEAK_RATE, 50)
+    slow_high = make_speech.synthesize(text, "flite:slt", 125, 80)
+    assert own.dtype.name == "float32" and own.std() > 0.01
+    assert 1.3 < len(slow_high) / len(own) < 1.5                       # 175 / 125 = 1.4
+    assert 1.15 < median_f0(slow_high) / median_f0(own) < 1.31         # 2 ** 0.3 = 1.23
+    assert set(make_speech.FLITE_VOICES) <= set(make_speech.flite_voices())
 
 
 def test_main_rejects_bad_arguments(tmp_path, capsys):

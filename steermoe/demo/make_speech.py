@@ -1,4 +1,4 @@
-"""Synthesise English speech with espeak-ng (``apt-get install -y espeak-ng``) into a parquet speech set.
+"""Synthesise English speech with espeak-ng or flite (``apt-get install -y espeak-ng flite``) into a parquet speech set.
 
     python -m steermoe.demo.make_speech [--output steermoe/demo/speech.parquet]     # the bundled demo set
     python -m steermoe.demo.make_speech --sentences 800 --voices en-us,en-gb+f3,en-gb-scotland+m3 \\
@@ -7,13 +7,16 @@
 Without ``--sentences`` / ``--texts`` it writes the demo set: ``SENTENCES`` spoken by two voices at two speeds.
 ``--sentences N`` adds N templated sentences (:func:`steermoe.demo.sentences.templated_sentences`), ``--texts``
 the transcripts of a parquet file's ``text`` column or of a text file (one sentence a line); each of those gets a
-seeded voice, speed and pitch. ``--telephone`` passes every utterance through a telephone channel
-(:func:`telephone_channel`: 8 kHz band limit and G.711 μ-law, back at 16 kHz). Audio is resampled to 16 kHz and
-stored as FLAC bytes in the schema Hugging Face ``datasets`` writes for an ``Audio`` column (struct ``{bytes,
-path}``), with ``text`` and ``id`` columns, in row groups of ``--row-group-size`` rows (so that a seeded row-group
-order mixes this set with others). The output is deterministic for a given espeak-ng build and seed.
+seeded voice, speed and pitch. Voices are espeak-ng's (``en-us``, ``en-gb+f3``: formant synthesis) or flite's
+(``FLITE_VOICES``: CMU voices built from one recorded speaker each); ``--voices`` takes both kinds in one list.
+``--telephone`` passes every utterance through a telephone channel (:func:`telephone_channel`: 8 kHz band limit
+and G.711 μ-law, back at 16 kHz). Audio is resampled to 16 kHz and stored as FLAC bytes in the schema Hugging Face
+``datasets`` writes for an ``Audio`` column (struct ``{bytes, path}``), with ``text`` and ``id`` columns, in row
+groups of ``--row-group-size`` rows (so that a seeded row-group order mixes this set with others). The output is
+deterministic for a given espeak-ng / flite build and seed.
 """
 import argparse
+import functools
 import io
 import json
 import os
@@ -94,6 +97,11 @@ TRAIN_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-us-nyc", "
                 "en-us+f2", "en-us+f4", "en-us+m3", "en-gb+f3", "en-gb+m5", "en-gb-x-rp+f1", "en-us-nyc+m7")
 TRAIN_SPEEDS = (130, 145, 160, 175, 190)
 TRAIN_PITCHES = (30, 40, 50, 60, 70)
+# flite's English voices: US female, Scottish male, US male (keeps its own pitch: flite ignores f0_shift for it),
+# US male (diphone)
+FLITE_VOICES = ("flite:slt", "flite:awb", "flite:rms", "flite:kal16")
+FLITE = "flite:"        # prefix of a flite voice name
+ESPEAK_RATE = 175       # espeak-ng's default words/min: a flite voice at this speed keeps its own duration
 SAMPLE_RATE = 16000
 TELEPHONE_RATE = 8000   # narrowband telephony: speech band-limited below 4 kHz
 MU = 255                # G.711 μ-law, 8-bit codes
@@ -102,8 +110,8 @@ DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "speec
 
 @dataclass(frozen=True)
 class Utterance:
-    """What to synthesise: ``text`` spoken by espeak-ng ``voice`` at ``speed`` words/min and ``pitch`` (0-99;
-    None: the voice's own)."""
+    """What to synthesise: ``text`` spoken by ``voice`` (espeak-ng's, or ``flite:NAME``) at ``speed`` words/min
+    and ``pitch`` (0-99, 50 the voice's own; None: the voice's own)."""
 
     id: str
     text: str
@@ -112,14 +120,41 @@ class Utterance:
     pitch: Optional[int] = None
 
 
+@functools.lru_cache(maxsize=None)
+def flite_voices() -> tuple:
+    """The voices the installed flite offers, as ``flite:NAME`` (empty when flite is not installed)."""
+    try:
+        listing = subprocess.run(["flite", "-lv"], check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ()
+    return tuple(FLITE + name for name in listing.split(":", 1)[-1].split())
+
+
+def check_voice(voice: str) -> None:
+    """Raise ``ValueError`` for a ``flite:`` voice the installed flite lacks (flite itself would silently fall
+    back to its default voice); espeak-ng voices are checked by espeak-ng, which fails on an unknown one."""
+    if voice.startswith(FLITE) and voice not in flite_voices():
+        offered = ", ".join(flite_voices()) or "nothing (not installed: apt-get install -y flite)"
+        raise ValueError(f"voice {voice!r}: flite offers {offered}")
+
+
 def synthesize(text: str, voice: str, speed: int, pitch: Optional[int] = None):
-    """(float32 mono samples at 16 kHz) for ``text`` spoken by espeak-ng."""
+    """(float32 mono samples at 16 kHz) for ``text`` spoken by ``voice``. For flite voices ``speed`` stretches the
+    voice's durations by ``ESPEAK_RATE / speed`` and ``pitch`` scales its F0 by ``2 ** ((pitch - 50) / 100)``
+    (30 ... 70: ×0.87 ... ×1.15), so one speed and pitch list serves both engines."""
     from steermoe.audio import load_audio_file
 
     with tempfile.TemporaryDirectory() as tmp:
         wav = os.path.join(tmp, "speech.wav")
-        pitch_args = [] if pitch is None else ["-p", str(pitch)]
-        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), *pitch_args, "-w", wav, text], check=True)
+        if voice.startswith(FLITE):
+            check_voice(voice)
+            pitch_args = [] if pitch is None else ["--setf", f"f0_shift={2 ** ((pitch - 50) / 100):.4f}"]
+            command = ["flite", "-voice", voice[len(FLITE):], "--setf", f"duration_stretch={ESPEAK_RATE / speed:.4f}",
+                       *pitch_args, "-t", text, "-o", wav]
+        else:
+            pitch_args = [] if pitch is None else ["-p", str(pitch)]
+            command = ["espeak-ng", "-v", voice, "-s", str(speed), *pitch_args, "-w", wav, text]
+        subprocess.run(command, check=True)
         return load_audio_file(wav)
 
 
@@ -212,7 +247,8 @@ def main(argv=None) -> None:
                         help="also speak these transcripts: a parquet file (its 'text' column) or a text file; "
                              "may be repeated")
     parser.add_argument("--voices", type=_csv(str), default=list(TRAIN_VOICES),
-                        help="comma-separated espeak-ng voices, 'language[+variant]'")
+                        help="comma-separated voices: espeak-ng's 'language[+variant]' or flite's 'flite:NAME' "
+                             f"({', '.join(FLITE_VOICES)})")
     parser.add_argument("--speeds", type=_csv(int), default=list(TRAIN_SPEEDS), help="words per minute, comma-separated")
     parser.add_argument("--pitches", type=_csv(int), default=list(TRAIN_PITCHES), help="0-99, comma-separated")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sentences and each one's voice")
@@ -233,6 +269,11 @@ def main(argv=None) -> None:
                      f"{args.id_prefix!r}")
     if args.row_group_size < 1:
         parser.error(f"--row-group-size must be >= 1; got {args.row_group_size}")
+    for voice in args.voices:
+        try:
+            check_voice(voice)
+        except ValueError as err:
+            parser.error(f"--voices: {err}")
     if args.sentences or args.texts:
         texts = templated_sentences(args.sentences, seed=args.seed)
         for path in args.texts:
