@@ -10,13 +10,9 @@
 4. trains the steering tensors and the projector on the training utterances with the real loop (loss printed as it
    falls), saves a checkpoint, and scores both sets again.
 
-Measured on an idle 2-core CPU (2026-12-02, AVX512 AMD EPYC, 213 s): LLM pretraining 4.98 → 0.21 nats/token, adapter
-loss 4.24 → 0.07, WER on the training utterances 116 % → 3.5 %, on the held-out ones 116 % → 95 %; with the training
-seeds 1 and 2 the training WER ends at 50 % and 39 % (with 400 pretraining steps, 1600 adapter steps and no load
-balancing: 70 %, 63 %, 57 %, the router collapsed to one expert); on an AVX2 CPU (other rounding) seed 0 ends at
-16 % (105 % before). The adapter learns the utterances it trains on; 48 synthetic clips cannot teach tiny random
-bases to transcribe new sentences. Useful ASR needs pretrained checkpoints
-(``configs/whisper-large-v3-qwen2.5-1.5b.yaml``).
+The adapter learns the utterances it trains on; 48 synthetic clips cannot teach tiny random bases to transcribe new
+sentences (the measured numbers, which differ between CPUs, are in README.md, "Quick start"). Useful ASR needs
+pretrained checkpoints (``configs/whisper-large-v3-qwen2.5-1.5b.yaml``).
 """
 import os
 import tempfile
