@@ -123,6 +123,18 @@ def _positive_int(text: str) -> int:
     raise argparse.ArgumentTypeError(f"expected an int >= 1; got {text!r}")
 
 
+def _rate_or_none(text: str):
+    """argparse type: a number > 0, or ``none`` (returned as the string: the option was given, with no cap)."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        if 0 < float(text) < float("inf"):
+            return float(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a number > 0 or 'none'; got {text!r}")
+
+
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run's output_dir (its newest)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -131,6 +143,9 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_new_tokens", type=_positive_int,
                    help="greedy decoding budget per utterance (default: the checkpoint's, model.max_new_tokens of "
                         "its run)")
+    p.add_argument("--max_tokens_per_second", type=_rate_or_none, metavar="RATE",
+                   help="cap each utterance's budget at ceil(RATE × its seconds) tokens, or 'none' for no cap "
+                        "(default: the checkpoint's, model.max_tokens_per_second of its run)")
     p.add_argument("--whisper", help="Whisper checkpoint to use instead of the one the checkpoint names")
     p.add_argument("--llm", help="LLM checkpoint to use instead of the one the checkpoint names")
 
@@ -144,7 +159,10 @@ def _load_model(args):
 
     path = resolve_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
-    overrides = {k: getattr(args, k) for k in ("whisper", "llm", "dtype", "max_new_tokens") if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in ("whisper", "llm", "dtype", "max_new_tokens", "max_tokens_per_second")
+                 if getattr(args, k)}
+    if overrides.get("max_tokens_per_second") == "none":
+        overrides["max_tokens_per_second"] = None
     if device.type == "cpu":
         overrides.setdefault("dtype", "float32")
     try:

@@ -51,6 +51,8 @@ class ModelConfig:
                                                 "`data.prompt_column` value replaces it)")
     system_prompt: Optional[str] = _key(None, "chat template's system message (null: the template's default)")
     max_new_tokens: int = _key(128, "greedy decoding budget for evaluation and transcription")
+    max_tokens_per_second: Optional[float] = _key(None, "caps an utterance's decoding budget at ceil(this × its "
+                                                        "seconds) tokens, cutting run-on generations (null: no cap)")
 
 
 @dataclass
@@ -143,6 +145,8 @@ class Config:
                  m.downsample_mode)
         _require(m.projector in ("linear", "mlp"), "model.projector", "linear or mlp", m.projector)
         _require(m.max_new_tokens >= 1, "model.max_new_tokens", ">= 1", m.max_new_tokens)
+        _require(m.max_tokens_per_second is None or 0 < m.max_tokens_per_second < math.inf,
+                 "model.max_tokens_per_second", "null or a number > 0", m.max_tokens_per_second)
         _require(len(d.train) > 0, "data.train", "at least one parquet file, directory or glob")
         _require(not d.train_repeats or len(d.train_repeats) == len(d.train) and all(r >= 1 for r in d.train_repeats),
                  "data.train_repeats", f"empty or one int >= 1 per data.train entry ({len(d.train)})", d.train_repeats)

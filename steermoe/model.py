@@ -13,6 +13,7 @@ Only the steering tensors and the projector train (float32); the Whisper encoder
 eval mode (no dropout) and are loaded in ``dtype`` (bfloat16 by default).
 """
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
-from .audio import LogMel
+from .audio import SAMPLE_RATE, LogMel
 from .bases import check_base_exists, check_causal_lm, check_tokenizer, check_whisper, loading
 from .encoder import SteeredWhisperEncoder
 from .fileio import atomic_write, atomic_write_json
@@ -37,7 +38,8 @@ _TRANSCRIPT = "<|steermoe:transcript|>"
 _STRUCTURE = ("num_experts", "layers", "downsample", "downsample_mode", "projector")
 _BASES = ("whisper", "llm")
 _BUILD_KEYS = ("whisper", "llm", "dtype", "num_experts", "steering_scale", "layers", "downsample",
-               "downsample_mode", "projector", "prompt", "system_prompt", "max_new_tokens", "device")
+               "downsample_mode", "projector", "prompt", "system_prompt", "max_new_tokens", "max_tokens_per_second",
+               "device")
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
@@ -192,12 +194,15 @@ class SteerMoEModel(nn.Module):
     def __init__(self, encoder: SteeredWhisperEncoder, llm: nn.Module, tokenizer, *, log_mel: Optional[LogMel] = None,
                  downsample: int = 4, downsample_mode: str = "stack", projector: str = "linear",
                  prompt: str = DEFAULT_PROMPT, system_prompt: Optional[str] = None,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_tokens_per_second: Optional[float] = None):
         super().__init__()
         from transformers import GenerationConfig
 
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
+        if max_tokens_per_second is not None and (isinstance(max_tokens_per_second, bool) or not isinstance(
+                max_tokens_per_second, (int, float)) or not 0 < max_tokens_per_second < math.inf):
+            raise ValueError(f"max_tokens_per_second must be None or a number > 0; got {max_tokens_per_second!r}")
         llm.requires_grad_(False)
         self.encoder = encoder
         self.log_mel = log_mel if log_mel is not None else LogMel(encoder.config.num_mel_bins)
@@ -218,7 +223,7 @@ class SteerMoEModel(nn.Module):
             "num_experts": encoder.num_experts, "steering_scale": float(encoder.layer_scales[0].detach()),
             "layers": list(encoder.steered_layers), "downsample": downsample, "downsample_mode": downsample_mode,
             "projector": projector, "prompt": prompt, "system_prompt": system_prompt,
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": max_new_tokens, "max_tokens_per_second": max_tokens_per_second,
             "encoder_hidden_size": encoder.hidden_size, "llm_hidden_size": llm_hidden,
             "trainable_parameters": self.num_trainable_parameters(),
         }
@@ -229,7 +234,7 @@ class SteerMoEModel(nn.Module):
                         steering_scale: float = 0.1, layers: Optional[Sequence[int]] = None, downsample: int = 4,
                         downsample_mode: str = "stack", projector: str = "linear", prompt: str = DEFAULT_PROMPT,
                         system_prompt: Optional[str] = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                        device=None) -> "SteerMoEModel":
+                        max_tokens_per_second: Optional[float] = None, device=None) -> "SteerMoEModel":
         """Load the frozen bases (Whisper's encoder only; any ``AutoModelForCausalLM`` and its tokenizer).
 
         Args:
@@ -240,6 +245,8 @@ class SteerMoEModel(nn.Module):
             projector: ``linear`` or ``mlp``.  prompt: the default instruction.
             system_prompt: the chat template's system message (None: the template's default; see :class:`PromptFormat`).
             max_new_tokens: the default decoding budget of :meth:`generate` (saved with the trainable weights).
+            max_tokens_per_second: caps each utterance's budget at ``ceil(rate × its seconds)`` tokens (None: no cap;
+                saved with the trainable weights; see :meth:`decoding_budgets`).
             device: where to put the model.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor
@@ -268,7 +275,8 @@ class SteerMoEModel(nn.Module):
         check_tokenizer(llm, tokenizer)
         model = cls(encoder, lm, tokenizer, log_mel=log_mel, downsample=downsample,
                     downsample_mode=downsample_mode, projector=projector, prompt=prompt,
-                    system_prompt=system_prompt, max_new_tokens=max_new_tokens)
+                    system_prompt=system_prompt, max_new_tokens=max_new_tokens,
+                    max_tokens_per_second=max_tokens_per_second)
         model.config["steering_scale"] = steering_scale
         return model.to(device) if device is not None else model
 
@@ -431,22 +439,40 @@ class SteerMoEModel(nn.Module):
                  **generate_kwargs) -> List[str]:
         """Transcribe a batch: greedy (unless ``generate_kwargs`` ask otherwise), batched, with the KV cache.
 
-        ``max_new_tokens`` None: the model's own (``config["max_new_tokens"]``, saved with its trainable weights).
+        ``max_new_tokens`` None: the model's own (``config["max_new_tokens"]``, saved with its trainable weights);
+        each row is cut at its own budget (:meth:`decoding_budgets`).
 
         Returns B strings (special tokens removed, stripped); a row's output never depends on the rest of its batch.
         """
+        budgets = self.decoding_budgets(input_features, attention_mask, max_new_tokens)
         audio, audio_lengths, _ = self._audio(input_features, attention_mask, return_gating=False)
         embeds, mask, _ = self._sequences(audio, audio_lengths, prompts, None, left_pad=True)
-        if max_new_tokens is None:
-            max_new_tokens = self.config["max_new_tokens"]
-        out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max(budgets),
                                 **generate_kwargs)
         stops = set(self.prompt_format.stop_token_ids)
         texts = []
-        for row in out.tolist():
+        for row, budget in zip(out.tolist(), budgets):
+            row = row[:budget]      # greedy: the same tokens a generate() stopped at this row's budget gives
             end = next((i for i, t in enumerate(row) if t in stops), len(row))
             texts.append(self.tokenizer.decode(row[:end], skip_special_tokens=True).strip())
         return texts
+
+    def decoding_budgets(self, input_features: Tensor, attention_mask: Optional[Tensor] = None,
+                         max_new_tokens: Optional[int] = None) -> List[int]:
+        """New tokens each row may generate: ``max_new_tokens`` (None: ``config["max_new_tokens"]``), and with
+        ``config["max_tokens_per_second"]`` = r at most ``max(1, ceil(r × seconds))`` for a row of that many
+        seconds of audio (its real mel frames × hop / 16 kHz): a transcript cannot outrun its audio, and a run-on
+        generation (the LLM continuing past the transcript) is cut there. (B,) ints."""
+        if max_new_tokens is None:
+            max_new_tokens = self.config["max_new_tokens"]
+        rate = self.config.get("max_tokens_per_second")
+        batch, _, frames = input_features.shape
+        if rate is None:
+            return [max_new_tokens] * batch
+        mel = attention_mask.sum(-1).tolist() if attention_mask is not None else [frames] * batch
+        hop = self.log_mel.hop_length
+        # rounded first: 6 tokens/s × 100 frames × 160 / 16000 is 6.000000000000001 in floats, not 7 tokens
+        return [min(max_new_tokens, max(1, math.ceil(round(rate * n * hop / SAMPLE_RATE, 6)))) for n in mel]
 
     # ------------------------------------------------------------------------------------ weights I/O
     def save_trainable(self, directory: str) -> None:

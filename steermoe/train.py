@@ -175,7 +175,8 @@ def build_model(m: ModelConfig, device: torch.device, *, resuming: bool = False)
         return SteerMoEModel.from_pretrained(
             m.whisper, m.llm, dtype=m.dtype, num_experts=m.num_experts, steering_scale=m.steering_scale,
             layers=m.layers, downsample=m.downsample, downsample_mode=m.downsample_mode, projector=m.projector,
-            prompt=m.prompt, system_prompt=m.system_prompt, max_new_tokens=m.max_new_tokens, device=device)
+            prompt=m.prompt, system_prompt=m.system_prompt, max_new_tokens=m.max_new_tokens,
+            max_tokens_per_second=m.max_tokens_per_second, device=device)
     except BaseModelError as err:
         moved = f"; if it moved, pass model.{err.role}=NEW_PATH with --resume" if resuming else ""
         raise ConfigError(f"model.{err.role}={err.path}: {err.reason}{moved}") from None
@@ -242,7 +243,8 @@ class MetricsLog:
 # new max_steps moves the end of the cosine schedule (the point of extending a run); batch_size and grad_accum split
 # the global batch, which the checkpoint's data state holds and checks
 RESUME_MAY_CHANGE = frozenset({"train.batch_size", "train.grad_accum",
-    "output_dir", "model.max_new_tokens", "data.eval", "train.max_steps", "train.log_every", "train.eval_every",
+    "output_dir", "model.max_new_tokens", "model.max_tokens_per_second", "data.eval", "train.max_steps",
+    "train.log_every", "train.eval_every",
     "train.eval_utterances", "train.eval_batch_size", "train.save_every", "train.keep_checkpoints",
     "train.gradient_checkpointing", "train.max_nonfinite_steps", "train.device", "train.parallel",
     "train.report_to", "train.logging_dir"})

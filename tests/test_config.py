@@ -97,6 +97,8 @@ def test_unknown_key_without_a_near_one_suggests_nothing(tmp_path):
     ("train.parallel=zero3", "train.parallel"),
     ("train.z_loss_weight=-0.1", "train.z_loss_weight"),
     ("train.z_loss_weight=.nan", "train.z_loss_weight"),
+    ("model.max_tokens_per_second=0", "model.max_tokens_per_second"),
+    ("model.max_tokens_per_second=.nan", "model.max_tokens_per_second"),
 ])
 def test_bad_values_are_named(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -55,3 +55,22 @@ def test_a_checkpoint_without_decoding_settings_loads_with_the_default(run_copy,
         json.dump(config, f)
     assert main(["transcribe", "--checkpoint", newest, "--device", "cpu", wav_file(tmp_path / "a.wav")]) == 0
     assert budgets == [128]
+
+
+def test_max_tokens_per_second_travels_with_the_checkpoint_and_the_commands_override_it(run_copy, tmp_path,  # noqa: F811
+                                                                                      budgets):
+    newest = latest_checkpoint(str(run_copy))
+    path = os.path.join(newest, CONFIG_NAME)
+    with open(path) as f:
+        config = json.load(f)
+    assert config["max_tokens_per_second"] is None               # the run's default: no cap
+    config["max_tokens_per_second"] = 20.0
+    with open(path, "w") as f:
+        json.dump(config, f)
+    audio = wav_file(tmp_path / "a.wav")                         # 0.1 s: 10 mel frames
+    for extra, budget in (([], 2), (["--max_tokens_per_second", "40"], 4), (["--max_tokens_per_second", "none"], 6)):
+        budgets.clear()
+        assert main(["transcribe", "--checkpoint", newest, "--device", "cpu", *extra, audio]) == 0
+        assert budgets == [budget], extra                        # ceil(rate x 0.1 s), at most max_new_tokens=6
+    with pytest.raises(SystemExit):
+        main(["transcribe", "--checkpoint", newest, "--max_tokens_per_second", "0", audio])
