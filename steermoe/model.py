@@ -471,7 +471,7 @@ class SteerMoEModel(nn.Module):
             return [max_new_tokens] * batch
         mel = attention_mask.sum(-1).tolist() if attention_mask is not None else [frames] * batch
         hop = self.log_mel.hop_length
-        # rounded first: 6 tokens/s × 100 frames × 160 / 16000 is 6.000000000000001 in floats, not 7 tokens
+        # rounded first: 1.1 tokens/s × 3000 frames × 160 / 16000 is 33.00000000000001 in floats (33 tokens, not 34)
         return [min(max_new_tokens, max(1, math.ceil(round(rate * n * hop / SAMPLE_RATE, 6)))) for n in mel]
 
     # ------------------------------------------------------------------------------------ weights I/O

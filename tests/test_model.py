@@ -237,21 +237,19 @@ def test_generate_is_greedy_batched_equals_one_by_one(model, speech):
 
 
 def test_max_tokens_per_second_cuts_each_row_at_its_own_budget(model, speech):
-    import math
-
     wave, lengths, _ = speech
     features, mel_mask = model.features(wave, lengths)
     kw = {"max_new_tokens": 12, "min_new_tokens": 12}               # rows run on: the cut decides where they end
     uncapped = model.generate(features, mel_mask, **kw)
-    seconds = (mel_mask.sum(-1) * model.log_mel.hop_length / 16000).tolist()
     assert model.decoding_budgets(features, mel_mask, 12) == [12, 12, 12]    # no cap by default
     model.config["max_tokens_per_second"] = 2.5
     try:
         budgets = model.decoding_budgets(features, mel_mask, 12)
-        assert budgets == [min(12, max(1, math.ceil(2.5 * s))) for s in seconds]
+        assert model.log_mel.hop_length == 160
+        assert budgets == [min(12, -(-n // 40)) for n in mel_mask.sum(-1).tolist()]   # ceil(2.5 × n × 160 / 16000)
         assert len(set(budgets)) > 1 and max(budgets) < 12           # the rows' lengths differ; the cap binds
         assert model.decoding_budgets(features, mel_mask, 3) == [min(3, b) for b in budgets]
-        whole = math.ceil(2.5 * features.shape[-1] * model.log_mel.hop_length / 16000)
+        whole = -(-features.shape[-1] // 40)
         assert model.decoding_budgets(features, None, 12) == [min(12, whole)] * 3   # no mask: every frame counts
         capped = model.generate(features, mel_mask, max_new_tokens=12, min_new_tokens=max(budgets))
         with torch.no_grad():

@@ -141,7 +141,8 @@ def check_voice(voice: str) -> None:
 def synthesize(text: str, voice: str, speed: int, pitch: Optional[int] = None):
     """(float32 mono samples at 16 kHz) for ``text`` spoken by ``voice``. For flite voices ``speed`` stretches the
     voice's durations by ``ESPEAK_RATE / speed`` and ``pitch`` scales its F0 by ``2 ** ((pitch - 50) / 100)``
-    (30 ... 70: ×0.87 ... ×1.15), so one speed and pitch list serves both engines."""
+    (30 ... 70: ×0.87 ... ×1.15), so one speed and pitch list serves both engines (``flite:rms`` keeps its own
+    pitch whatever ``pitch`` says: flite applies ``f0_shift`` to the other voices only)."""
     from steermoe.audio import load_audio_file
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -253,8 +254,8 @@ def main(argv=None) -> None:
     parser.add_argument("--pitches", type=_csv(int), default=list(TRAIN_PITCHES), help="0-99, comma-separated")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sentences and each one's voice")
     parser.add_argument("--id-prefix", default="espeak",
-                        help="ids of the generated utterances: '<prefix>-00000', ...; give each set mixed into one "
-                             "run its own prefix (with --sentences or --texts)")
+                        help="ids of the generated utterances: '<prefix>-00000', ... (whichever engine speaks them); "
+                             "give each set mixed into one run its own prefix (with --sentences or --texts)")
     parser.add_argument("--telephone", action="store_true",
                         help="pass the speech through a telephone channel (8 kHz band limit, G.711 mu-law)")
     parser.add_argument("--row-group-size", type=int, default=64, help="rows per parquet row group")
@@ -269,6 +270,8 @@ def main(argv=None) -> None:
                      f"{args.id_prefix!r}")
     if args.row_group_size < 1:
         parser.error(f"--row-group-size must be >= 1; got {args.row_group_size}")
+    if any(speed <= 0 for speed in args.speeds):
+        parser.error(f"--speeds must be words per minute > 0; got {args.speeds}")
     for voice in args.voices:
         try:
             check_voice(voice)
