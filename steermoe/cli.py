@@ -216,8 +216,7 @@ def cmd_eval(args) -> int:
                        max_new_tokens=args.max_new_tokens, records_path=args.output, long_form=args.long_form,
                        total=source.num_rows)
     summary = {"checkpoint": path, "data": list(args.data),
-               "max_new_tokens": args.max_new_tokens or model.config["max_new_tokens"],
-               "max_tokens_per_second": model.config["max_tokens_per_second"], **summary,
+               **{k: model.config[k] for k in ("max_new_tokens", "max_tokens_per_second")}, **summary,
                "skipped": dict(source.skipped)}
     if source.skipped["too_long"]:
         print(f"steermoe eval: {source.skipped['too_long']} utterances over {data.max_seconds:g} s skipped (too_long); "
