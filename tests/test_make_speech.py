@@ -1,4 +1,5 @@
 """The synthetic-speech generator: templated sentences, seeded voices, and the parquet it writes (espeak-ng)."""
+import hashlib
 import io
 import json
 import re
@@ -8,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from steermoe.demo import make_speech
-from steermoe.demo.sentences import TEMPLATES, VOCABULARY, templated_sentences
+from steermoe.demo.sentences import (CLOSED_CLASSES, TEMPLATES, VOCABULARY, plain_words, telephone_prompts,
+                                     templated_sentences)
 
 HAS_ESPEAK = shutil.which("espeak-ng") is not None
 HAS_FLITE = shutil.which("flite") is not None
@@ -25,10 +27,74 @@ def test_templated_sentences_are_distinct_seeded_and_filled():
     assert {field for t in TEMPLATES for field in re.findall(r"\{(\w+)\}", t)} <= set(VOCABULARY)
 
 
+def test_the_everyday_sentences_stay_those_the_documented_runs_spoke():
+    # BENCHMARKS.md's generated sets are `--sentences 2500 --seed 1`: editing TEMPLATES or an existing word list
+    # changes them, and the recorded runs could no longer be reproduced
+    digest = hashlib.md5("|".join(templated_sentences(2500, seed=1)).encode()).hexdigest()
+    assert digest == "e9a446f4cbc9f44b751e313e03f3443b"
+
+
+def test_telephone_prompts_speak_every_closed_class_word_once_then_templated_prompts():
+    words, seen = [], set()
+    for word in (w for ws in CLOSED_CLASSES.values() for w in ws):
+        if plain_words(word) not in seen:
+            seen.add(plain_words(word))
+            words.append(word)
+    assert "november" in words and "November" not in words    # one word spoken once, in its first class
+    prompts = telephone_prompts(600, seed=1)
+    assert prompts[:len(words)] == words and len(set(prompts)) == 600
+    assert telephone_prompts(600, seed=1) == prompts and telephone_prompts(600, seed=2) != prompts
+    assert telephone_prompts(10, seed=1) == words[:10]
+    assert "k" in prompts and "K" not in prompts                # a fragment stays as drawn
+    sentences = [p for p in prompts if len(p.split()) > 2]     # fragments have at most two words ("twelve P.M.")
+    assert len(sentences) > 250 and all(p[0].isupper() and p.endswith((".", "?")) for p in sentences)
+
+
+def test_held_out_texts_are_never_spoken():
+    held_out = ["K", "alpha.", "Thank   you", templated_sentences(3, seed=1)[2], telephone_prompts(300, seed=1)[299]]
+    banned = {plain_words(t) for t in held_out}
+    for texts in (templated_sentences(40, seed=1, exclude=held_out), telephone_prompts(300, seed=1, exclude=held_out)):
+        assert len(texts) == len(set(texts)) and not banned & {plain_words(t) for t in texts}
+    assert len(telephone_prompts(300, seed=1, exclude=held_out)) == 300
+    assert plain_words("  Is it, Bob's X-ray?") == "is it bob's x ray"
+
+
+def test_main_speaks_the_sentences_then_the_prompts_then_the_texts(tmp_path, monkeypatch, capsys):
+    import pyarrow as pa
+
+    spoken = []
+
+    def fake_table(utterances, telephone=False):
+        spoken.extend(utterances)
+        return pa.table({"text": [u.text for u in utterances]})
+
+    monkeypatch.setattr(make_speech, "build_table", fake_table)
+    (tmp_path / "extra.txt").write_text("Press one for sales.\nThank you.\n")
+    (tmp_path / "dev.txt").write_text("thank you\nalpha\n")
+    make_speech.main(["--sentences", "3", "--prompts", "40", "--texts", str(tmp_path / "extra.txt"), "--seed", "2",
+                      "--exclude", str(tmp_path / "dev.txt"), "--voices", "en-us", "--id-prefix", "p",
+                      "--output", str(tmp_path / "x.parquet")])
+    held_out = ["thank you", "alpha"]
+    assert [u.text for u in spoken] == (templated_sentences(3, seed=2, exclude=held_out)
+                                        + telephone_prompts(40, seed=2, exclude=held_out) + ["Press one for sales."])
+    assert [u.id for u in spoken][-1] == "p-00043" and "1 lines of --texts dropped" in capsys.readouterr().out
+    spoken.clear()
+    make_speech.main(["--prompts", "2", "--voices", "en-us", "--id-prefix", "q",
+                      "--output", str(tmp_path / "y.parquet")])
+    assert [u.text for u in spoken] == telephone_prompts(2, seed=0)
+
+
+def test_templated_sentences_reject_bad_templates():
+    for bad in ((), "Press {digit}."):
+        with pytest.raises(ValueError, match="templates must be a non-empty sequence of strings"):
+            templated_sentences(3, templates=bad)
+
+
 @pytest.mark.parametrize("n", [-1, 1.5, True])
 def test_templated_sentences_reject_bad_counts(n):
-    with pytest.raises(ValueError, match="n must be an int >= 0"):
-        templated_sentences(n)
+    for generate in (templated_sentences, telephone_prompts):
+        with pytest.raises(ValueError, match="n must be an int >= 0"):
+            generate(n)
 
 
 def test_training_utterances_draw_seeded_voices_from_the_given_lists():
@@ -135,7 +201,7 @@ def test_flite_speed_stretches_durations_and_pitch_scales_f0():
 
 
 def test_main_rejects_bad_arguments(tmp_path, capsys):
-    for bad in (["--sentences", "-2"], ["--row-group-size", "0"], ["--sentences", "1", "--id-prefix", " "],
+    for bad in (["--sentences", "-2"], ["--prompts", "-1"], ["--row-group-size", "0"], ["--sentences", "1", "--id-prefix", " "],
                 ["--sentences", "1", "--id-prefix", "a~b"], ["--id-prefix", "tel"], ["--speeds", "150,0"]):
         with pytest.raises(SystemExit):
             make_speech.main([*bad, "--output", str(tmp_path / "x.parquet")])

@@ -5,9 +5,12 @@
         --texts train.parquet --seed 0 --output espeak_train.parquet                  # training speech
 
 Without ``--sentences`` / ``--texts`` it writes the demo set: ``SENTENCES`` spoken by two voices at two speeds.
-``--sentences N`` adds N templated sentences (:func:`steermoe.demo.sentences.templated_sentences`), ``--texts``
-the transcripts of a parquet file's ``text`` column or of a text file (one sentence a line); each of those gets a
-seeded voice, speed and pitch. Voices are espeak-ng's (``en-us``, ``en-gb+f3``: formant synthesis) or flite's
+``--sentences N`` adds N templated everyday sentences (:func:`steermoe.demo.sentences.templated_sentences`),
+``--prompts N`` N telephone-system texts (:func:`steermoe.demo.sentences.telephone_prompts`: every letter, number,
+month, symbol name... once, then templated prompts), ``--texts`` the transcripts of a parquet file's ``text`` column
+or of a text file (one sentence a line); each of those gets a seeded voice, speed and pitch. ``--exclude`` names
+held-out transcripts (same formats) that are never spoken: the templates skip them, ``--texts`` lines equal to one
+are dropped. Voices are espeak-ng's (``en-us``, ``en-gb+f3``: formant synthesis) or flite's
 (``FLITE_VOICES``: CMU voices built from one recorded speaker each); ``--voices`` takes both kinds in one list.
 ``--telephone`` passes every utterance through a telephone channel (:func:`telephone_channel`: 8 kHz band limit
 and G.711 μ-law, back at 16 kHz). Audio is resampled to 16 kHz and stored as FLAC bytes in the schema Hugging Face
@@ -239,11 +242,17 @@ def _csv(kind):
 def main(argv=None) -> None:
     import pyarrow.parquet as pq
 
-    from steermoe.demo.sentences import templated_sentences
+    from steermoe.demo.sentences import plain_words, telephone_prompts, templated_sentences
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="parquet file to write")
-    parser.add_argument("--sentences", type=int, default=0, help="templated sentences to speak")
+    parser.add_argument("--sentences", type=int, default=0, help="templated everyday sentences to speak")
+    parser.add_argument("--prompts", type=int, default=0,
+                        help="telephone-system texts to speak after the sentences: every letter, number word, month, "
+                             "symbol name, ... once, then templated voicemail / conference / queue prompts")
+    parser.add_argument("--exclude", action="append", default=[],
+                        help="never speak these transcripts (a held-out set's): a parquet file or a text file, as "
+                             "--texts; may be repeated")
     parser.add_argument("--texts", action="append", default=[],
                         help="also speak these transcripts: a parquet file (its 'text' column) or a text file; "
                              "may be repeated")
@@ -255,16 +264,18 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the sentences and each one's voice")
     parser.add_argument("--id-prefix", default="espeak",
                         help="ids of the generated utterances: '<prefix>-00000', ... (whichever engine speaks them); "
-                             "give each set mixed into one run its own prefix (with --sentences or --texts)")
+                             "give each set mixed into one run its own prefix (with --sentences, --prompts or --texts)")
     parser.add_argument("--telephone", action="store_true",
                         help="pass the speech through a telephone channel (8 kHz band limit, G.711 mu-law)")
     parser.add_argument("--row-group-size", type=int, default=64, help="rows per parquet row group")
     args = parser.parse_args(argv)
-    if args.sentences < 0:
-        parser.error(f"--sentences must be >= 0; got {args.sentences}")
-    if args.id_prefix != "espeak" and not (args.sentences or args.texts):
-        parser.error("--id-prefix names generated utterances: it needs --sentences or --texts (the demo set's ids "
-                     "are fixed)")
+    for flag in ("sentences", "prompts"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag} must be >= 0; got {getattr(args, flag)}")
+    generated = args.sentences or args.prompts or args.texts
+    if args.id_prefix != "espeak" and not generated:
+        parser.error("--id-prefix names generated utterances: it needs --sentences, --prompts or --texts (the demo "
+                     "set's ids are fixed)")
     if not args.id_prefix.strip() or "~" in args.id_prefix:
         parser.error(f"--id-prefix must be non-blank and without '~' (marks a repeated row's copy); got "
                      f"{args.id_prefix!r}")
@@ -277,10 +288,17 @@ def main(argv=None) -> None:
             check_voice(voice)
         except ValueError as err:
             parser.error(f"--voices: {err}")
-    if args.sentences or args.texts:
-        texts = templated_sentences(args.sentences, seed=args.seed)
-        for path in args.texts:
-            texts += read_texts(path)
+    if generated:
+        held_out = [text for path in args.exclude for text in read_texts(path)]
+        texts = templated_sentences(args.sentences, seed=args.seed, exclude=held_out)
+        texts += telephone_prompts(args.prompts, seed=args.seed, exclude=held_out)
+        given = [text for path in args.texts for text in read_texts(path)]
+        dropped = {plain_words(text) for text in held_out}
+        kept = [text for text in given if plain_words(text) not in dropped]
+        texts += kept
+        if held_out:
+            print(f"--exclude: {len(dropped)} held-out transcripts never spoken ({len(given) - len(kept)} lines of "
+                  f"--texts dropped)")
         utterances = training_utterances(texts, voices=args.voices, speeds=args.speeds, pitches=args.pitches,
                                          seed=args.seed, prefix=args.id_prefix)
     else:

@@ -1,14 +1,18 @@
 """Seeded, templated English sentences for synthetic training speech.
 
-    templated_sentences(500, seed=0)   # 500 distinct sentences, the same for the same seed
+    templated_sentences(500, seed=0)    # 500 distinct everyday sentences, the same for the same seed
+    telephone_prompts(500, seed=0)      # 500 distinct telephone-system prompts and single words
 
 Each sentence fills one of ``TEMPLATES`` with words drawn from ``VOCABULARY``: everyday statements, questions,
 requests, dates, times, numbers and spoken-menu phrases, so that a model trained on them meets a broad
-vocabulary, digits spoken as words, and the phrasing of telephone prompts.
+vocabulary, digits spoken as words, and the phrasing of telephone prompts. :func:`telephone_prompts` speaks the
+single words a telephone system says on their own (:data:`CLOSED_CLASSES`: every letter, phonetic-alphabet word,
+number and ordinal word, month, day and symbol name, each once) and then its prompts (:data:`PROMPT_TEMPLATES`:
+voicemail, conference bridge, queue). Both skip the texts they are told to ``exclude`` (a held-out set's).
 """
 import random
 import re
-from typing import Dict, List, Sequence
+from typing import Dict, Iterable, List, Sequence
 
 VOCABULARY: Dict[str, Sequence[str]] = {
     "name": ("Anna", "Ben", "Carlos", "Diana", "Emma", "Frank", "Grace", "Henry", "Isabel", "James", "Karen",
@@ -46,6 +50,50 @@ VOCABULARY: Dict[str, Sequence[str]] = {
                "out of the office", "in a meeting", "on hold"),
     "weather": ("rain", "snow", "strong wind", "fog", "sunshine", "a storm", "thunder", "clear skies"),
     "food": ("bread", "soup", "rice", "apples", "cheese", "coffee", "pasta", "fresh fish", "oranges", "salad"),
+}
+
+# The words a telephone system speaks one at a time, by class: ``telephone_prompts`` speaks each of them once.
+CLOSED_CLASSES: Dict[str, Sequence[str]] = {
+    "letter": tuple("abcdefghijklmnopqrstuvwxyz"),
+    "phonetic": ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo",
+                 "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform",
+                 "victor", "whiskey", "x-ray", "yankee", "zulu"),
+    "cardinal": ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                 "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+                 "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety", "hundred",
+                 "thousand", "million", "billion"),
+    "nth": ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
+            "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth", "seventeenth",
+            "eighteenth", "nineteenth", "twentieth", "thirtieth", "fortieth", "fiftieth", "sixtieth", "seventieth",
+            "eightieth", "ninetieth", "hundredth", "thousandth", "millionth"),
+    "month": VOCABULARY["month"],
+    "day": VOCABULARY["day"],
+    "symbol": ("period", "comma", "colon", "semicolon", "question mark", "exclamation point", "at sign",
+               "dollar sign", "percent", "ampersand", "asterisk", "plus", "minus", "equals", "slash", "backslash",
+               "underscore", "dash", "hyphen", "apostrophe", "quote", "left parenthesis", "right parenthesis",
+               "tilde", "caret", "pound", "star", "dot", "space", "uppercase", "lowercase"),
+    "word": ("yes", "no", "on", "off", "and", "or", "is", "are", "was", "press", "enter", "dial", "message",
+             "messages", "mailbox", "extension", "number", "minute", "minutes", "seconds", "hour", "hours", "today",
+             "tomorrow", "yesterday", "noon", "midnight", "A.M.", "P.M.", "new", "old", "saved", "urgent", "deleted",
+             "enabled", "disabled", "activated", "goodbye", "hello", "thank you", "please", "sorry", "welcome",
+             "invalid", "busy", "unavailable", "received", "from", "at", "to", "for", "the", "queue", "agent",
+             "caller", "conference", "participant", "participants", "password", "greeting", "recording"),
+}
+
+# VOCABULARY and the fields only PROMPT_TEMPLATES use
+PROMPT_VOCABULARY: Dict[str, Sequence[str]] = {
+    **VOCABULARY,
+    "date_nth": CLOSED_CLASSES["nth"][:20] + ("twenty-first", "twenty-second", "twenty-third", "twenty-fourth",
+                                             "twenty-fifth", "thirtieth", "thirty-first"),
+    "recording": ("message", "greeting", "recording", "introduction", "announcement", "name"),
+    "caller_state": ("on hold", "in the queue", "connected", "next in line", "the only caller", "logged in",
+                     "logged out"),
+    "bridge_state": ("muted", "unmuted", "locked", "unlocked", "being recorded", "full", "empty"),
+    "action": ("listen to", "save", "delete", "forward", "replay", "erase", "skip", "repeat", "review"),
+    "done": ("saved", "deleted", "sent", "recorded", "forwarded", "updated", "processed", "transferred",
+             "cancelled", "changed"),
+    "sound": ("the tone", "the beep", "the signal"),
+    "ampm": ("A.M.", "P.M.", "o'clock"),
 }
 
 TEMPLATES = (
@@ -86,6 +134,35 @@ TEMPLATES = (
     "The office is {adjective} until {hour} in the evening.",
 )
 
+PROMPT_TEMPLATES = (
+    "{digit} {digit}", "{date_nth} {month}", "{month} {date_nth}", "{hour} {ampm}",
+    "Press {digit} to {action} this {recording}.",
+    "To {action} your {recording}, press {digit}.",
+    "You have {number} new messages and {number} saved messages.",
+    "There are {number} other participants in the conference.",
+    "You are now {caller_state}.",
+    "The conference is now {bridge_state}.",
+    "Your {recording} has been {done}.",
+    "At {sound}, please say your {recording}. When finished, press {key}.",
+    "After {sound}, record your {recording}, then press the {key} key.",
+    "Please enter the number of the mailbox you wish to reach.",
+    "That {item} is not available. Please try again later.",
+    "Please hold while I try to connect you to {service}.",
+    "You are caller number {number}. Your call is important to us.",
+    "The {item} you entered is invalid.",
+    "Message {digit} of {number}.",
+    "Press {key} to return to the main menu.",
+    "There is no mailbox at extension {digit} {digit} {digit}.",
+    "Your {recording} is {number} seconds long.",
+    "Enter your {item} and then press {key}.",
+    "I am sorry, that is not a valid {item}.",
+    "This call may be recorded for quality and training purposes.",
+    "Please wait while your {recording} is {done}.",
+    "Received at {hour} {ampm} on {day}, the {date_nth} of {month}.",
+    "To hear the {recording} again, press {digit}.",
+    "You will be connected to {service} in about {number} minutes.",
+)
+
 _FIELD = re.compile(r"\{(\w+)\}")
 
 
@@ -93,17 +170,27 @@ def _capitalise(sentence: str) -> str:
     return sentence[:1].upper() + sentence[1:]
 
 
-def templated_sentences(n: int, seed: int = 0) -> List[str]:
-    """``n`` distinct sentences from :data:`TEMPLATES` and :data:`VOCABULARY`, deterministic for ``seed``.
+def plain_words(text: str) -> str:
+    """``text`` lower-cased, punctuation dropped, single-spaced: the form ``exclude`` compares ("Is." == "is")."""
+    return " ".join(re.sub(r"[^a-z0-9']+", " ", text.lower()).split())
+
+
+def templated_sentences(n: int, seed: int = 0, templates: Sequence[str] = TEMPLATES,
+                        vocabulary: Dict[str, Sequence[str]] = VOCABULARY, exclude: Iterable[str] = ()) -> List[str]:
+    """``n`` distinct sentences from ``templates`` and ``vocabulary``, deterministic for ``seed``, none equal to a
+    text of ``exclude`` (compared as :func:`plain_words`: held-out transcripts are never spoken).
 
     Templates are used in turn (a seeded order each round) so that every phrasing is frequent; each field gets a
-    seeded draw from its word list. Raises ``ValueError`` when ``n`` is not an int >= 0.
+    seeded draw from its word list; a template ending in "." or "?" is a sentence and starts with a capital.
+    Raises ``ValueError`` when ``n`` is not an int >= 0, ``templates`` is empty, or they cannot make ``n``.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an int >= 0; got {n!r}")
+    if isinstance(templates, str) or not templates:
+        raise ValueError(f"templates must be a non-empty sequence of strings; got {templates!r}")
     rng = random.Random(seed)
     out: List[str] = []
-    seen = set()
+    seen = {plain_words(text) for text in exclude}
     order: List[str] = []
     attempts = 0
     while len(out) < n:
@@ -111,11 +198,28 @@ def templated_sentences(n: int, seed: int = 0) -> List[str]:
         if attempts > 100 * n + 1000:
             raise ValueError(f"cannot make {n} distinct sentences from the templates (made {len(out)})")
         if not order:
-            order = list(TEMPLATES)
+            order = list(templates)
             rng.shuffle(order)
         template = order.pop()
-        sentence = _capitalise(_FIELD.sub(lambda m: rng.choice(VOCABULARY[m.group(1)]), template))
-        if sentence not in seen:
-            seen.add(sentence)
+        sentence = _FIELD.sub(lambda m: rng.choice(vocabulary[m.group(1)]), template)
+        if template.endswith((".", "?")):      # a sentence; a fragment ("{digit} {digit}") stays as drawn
+            sentence = _capitalise(sentence)
+        if plain_words(sentence) not in seen:
+            seen.add(plain_words(sentence))
             out.append(sentence)
     return out
+
+
+def telephone_prompts(n: int, seed: int = 0, exclude: Iterable[str] = ()) -> List[str]:
+    """``n`` distinct telephone-system texts: first every word of :data:`CLOSED_CLASSES` once (in class order), then
+    :data:`PROMPT_TEMPLATES` filled from :data:`PROMPT_VOCABULARY`; none equal to a text of ``exclude``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0; got {n!r}")
+    seen = {plain_words(text) for text in exclude}
+    words = []
+    for word in (w for ws in CLOSED_CLASSES.values() for w in ws):
+        if plain_words(word) not in seen:
+            seen.add(plain_words(word))
+            words.append(word)
+    words = words[:n]
+    return words + templated_sentences(n - len(words), seed, PROMPT_TEMPLATES, PROMPT_VOCABULARY, exclude=seen)
