@@ -4,7 +4,7 @@
     python -m steermoe.demo.make_speech --sentences 800 --voices en-us,en-gb+f3,en-gb-scotland+m3 \\
         --texts train.parquet --seed 0 --output espeak_train.parquet                  # training speech
 
-Without ``--sentences`` / ``--texts`` it writes the demo set: ``SENTENCES`` spoken by two voices at two speeds.
+Without ``--sentences`` / ``--prompts`` / ``--texts`` it writes the demo set: ``SENTENCES`` spoken by two voices at two speeds.
 ``--sentences N`` adds N templated everyday sentences (:func:`steermoe.demo.sentences.templated_sentences`),
 ``--prompts N`` N telephone-system texts (:func:`steermoe.demo.sentences.telephone_prompts`: every letter, number,
 month, symbol name... once, then templated prompts), ``--texts`` the transcripts of a parquet file's ``text`` column
