@@ -4,7 +4,8 @@
     python -m steermoe.demo.make_speech --sentences 800 --voices en-us,en-gb+f3,en-gb-scotland+m3 \\
         --texts train.parquet --seed 0 --output espeak_train.parquet                  # training speech
 
-Without ``--sentences`` / ``--prompts`` / ``--texts`` it writes the demo set: ``SENTENCES`` spoken by two voices at two speeds.
+Without ``--sentences`` / ``--prompts`` / ``--texts`` it writes the demo set: ``SENTENCES`` spoken by two voices at
+two speeds.
 ``--sentences N`` adds N templated everyday sentences (:func:`steermoe.demo.sentences.templated_sentences`),
 ``--prompts N`` N telephone-system texts (:func:`steermoe.demo.sentences.telephone_prompts`: every letter, number,
 month, symbol name... once, then templated prompts), ``--texts`` the transcripts of a parquet file's ``text`` column
@@ -264,7 +265,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the sentences and each one's voice")
     parser.add_argument("--id-prefix", default="espeak",
                         help="ids of the generated utterances: '<prefix>-00000', ... (whichever engine speaks them); "
-                             "give each set mixed into one run its own prefix (with --sentences, --prompts or --texts)")
+                             "give each set mixed into one run its own prefix (with --sentences, --prompts or "
+                             "--texts)")
     parser.add_argument("--telephone", action="store_true",
                         help="pass the speech through a telephone channel (8 kHz band limit, G.711 mu-law)")
     parser.add_argument("--row-group-size", type=int, default=64, help="rows per parquet row group")
