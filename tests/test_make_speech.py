@@ -202,7 +202,8 @@ def test_flite_speed_stretches_durations_and_pitch_scales_f0():
 
 def test_main_rejects_bad_arguments(tmp_path, capsys):
     for bad in (["--sentences", "-2"], ["--prompts", "-1"], ["--row-group-size", "0"],
-                ["--sentences", "1", "--id-prefix", " "], ["--sentences", "1", "--id-prefix", "a~b"], ["--id-prefix", "tel"], ["--speeds", "150,0"]):
+                ["--sentences", "1", "--id-prefix", " "], ["--sentences", "1", "--id-prefix", "a~b"],
+                ["--id-prefix", "tel"], ["--speeds", "150,0"]):
         with pytest.raises(SystemExit):
             make_speech.main([*bad, "--output", str(tmp_path / "x.parquet")])
         assert bad[-2] in capsys.readouterr().err
