@@ -170,6 +170,11 @@ def _capitalise(sentence: str) -> str:
     return sentence[:1].upper() + sentence[1:]
 
 
+def _check_count(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0; got {n!r}")
+
+
 def plain_words(text: str) -> str:
     """``text`` lower-cased, punctuation dropped, single-spaced: the form ``exclude`` compares ("Is." == "is")."""
     return " ".join(re.sub(r"[^a-z0-9']+", " ", text.lower()).split())
@@ -184,8 +189,7 @@ def templated_sentences(n: int, seed: int = 0, templates: Sequence[str] = TEMPLA
     seeded draw from its word list; a template ending in "." or "?" is a sentence and starts with a capital.
     Raises ``ValueError`` when ``n`` is not an int >= 0, ``templates`` is empty, or they cannot make ``n``.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an int >= 0; got {n!r}")
+    _check_count(n)
     if isinstance(templates, str) or not templates:
         raise ValueError(f"templates must be a non-empty sequence of strings; got {templates!r}")
     rng = random.Random(seed)
@@ -204,8 +208,9 @@ def templated_sentences(n: int, seed: int = 0, templates: Sequence[str] = TEMPLA
         sentence = _FIELD.sub(lambda m: rng.choice(vocabulary[m.group(1)]), template)
         if template.endswith((".", "?")):      # a sentence; a fragment ("{digit} {digit}") stays as drawn
             sentence = _capitalise(sentence)
-        if plain_words(sentence) not in seen:
-            seen.add(plain_words(sentence))
+        key = plain_words(sentence)
+        if key not in seen:
+            seen.add(key)
             out.append(sentence)
     return out
 
@@ -213,13 +218,13 @@ def templated_sentences(n: int, seed: int = 0, templates: Sequence[str] = TEMPLA
 def telephone_prompts(n: int, seed: int = 0, exclude: Iterable[str] = ()) -> List[str]:
     """``n`` distinct telephone-system texts: first every word of :data:`CLOSED_CLASSES` once (in class order), then
     :data:`PROMPT_TEMPLATES` filled from :data:`PROMPT_VOCABULARY`; none equal to a text of ``exclude``."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an int >= 0; got {n!r}")
+    _check_count(n)
     seen = {plain_words(text) for text in exclude}
     words = []
     for word in (w for ws in CLOSED_CLASSES.values() for w in ws):
-        if plain_words(word) not in seen:
-            seen.add(plain_words(word))
+        key = plain_words(word)
+        if key not in seen:
+            seen.add(key)
             words.append(word)
     words = words[:n]
     return words + templated_sentences(n - len(words), seed, PROMPT_TEMPLATES, PROMPT_VOCABULARY, exclude=seen)
