@@ -100,14 +100,11 @@ setup(
     license_files=["LICENSE"],
     python_requires=">=3.10",
     packages=["steermoe", "steermoe.kernels", "steermoe.demo"],
-    package_dir={"steermoe": "steermoe", "steermoe.kernels": "kernels"},
     package_data={"steermoe.demo": ["*.parquet", "*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
-        # 5.25 imports a top-level `kernels` package, which this checkout's kernels/ directory shadows when the
-        # repository root is on sys.path (pytest): ImportError on CUDAProperties. Until kernels/ moves, stay below it.
-        "transformers>=4.45,<5.25",
+        "transformers>=4.45",
         "safetensors>=0.4",
         "numpy>=1.24",
         "pyarrow>=14",

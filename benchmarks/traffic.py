@@ -104,8 +104,9 @@ _ONCE = lambda s, c: 1
 _PER_BLOCK = lambda s, c: c.row_blocks(s)
 _PER_PROGRAM = lambda s, c: c.programs
 
-# kernels/steer.py before its pipelined redesign (2026-12-01): forward one program per row block (two sweeps over D), backward a persistent
-# grid (two sweeps per row block, private fp32 partials read-modify-written each step, summed by torch afterwards)
+# steermoe/kernels/steer.py before its pipelined redesign (2026-12-01): forward one program per row block (two sweeps
+# over D), backward a persistent grid (two sweeps per row block, private fp32 partials read-modify-written each step,
+# summed by torch afterwards)
 CURRENT = {
     "forward": [
         Term("x, sweep 1", "stream", _rows, _ONCE),
@@ -152,7 +153,7 @@ def current_launches(s: Shape, gpu: GPU) -> Dict[str, Launch]:
 
 _WS_ROW = lambda s, c: _partials(s, c) + 16 * 4   # a program's workspace row: partials, ds, padding
 
-# kernels/steer.py's pipelined design: both kernels persistent and resident; every D loop's loads cp.async; the
+# steermoe/kernels/steer.py's pipelined design: both kernels persistent and resident; every D loop's loads cp.async; the
 # forward loads b and s once per program; the backward drops V from sweep 2 (no recomputed x: dW from y and an
 # E×E correction), stores dlogits (N, E), and its partials, ds and the correction are reduced by torch afterwards
 PIPELINED = {

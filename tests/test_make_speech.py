@@ -10,7 +10,7 @@ import pytest
 
 from steermoe.demo import make_speech
 from steermoe.demo.sentences import (CLOSED_CLASSES, TEMPLATES, VOCABULARY, plain_words, telephone_prompts,
-                                     templated_sentences)
+                                     templated_sentences, word_sequences)
 
 HAS_ESPEAK = shutil.which("espeak-ng") is not None
 HAS_FLITE = shutil.which("flite") is not None
@@ -82,6 +82,88 @@ def test_main_speaks_the_sentences_then_the_prompts_then_the_texts(tmp_path, mon
     make_speech.main(["--prompts", "2", "--voices", "en-us", "--id-prefix", "q",
                       "--output", str(tmp_path / "y.parquet")])
     assert [u.text for u in spoken] == telephone_prompts(2, seed=0)
+
+
+def test_word_sequences_are_distinct_seeded_runs_of_listed_words():
+    words = ["Alpha", "bravo", "charlie", "delta", "echo", "bravo", "Foxtrot."]
+    texts = word_sequences(200, words, seed=5, min_words=2, max_words=4)
+    assert len(texts) == len(set(texts)) == 200
+    assert word_sequences(200, words, seed=5, min_words=2, max_words=4) == texts
+    assert word_sequences(200, words, seed=6, min_words=2, max_words=4) != texts
+    assert word_sequences(50, words, seed=5, min_words=2, max_words=4) == texts[:50]
+    assert {len(t.split()) for t in texts} == {2, 3, 4}
+    assert {w for t in texts for w in t.split()} == {"alpha", "bravo", "charlie", "delta", "echo", "foxtrot"}
+    singles = word_sequences(3, ["a", "b", "c", "d", "e"], seed=0, max_words=1, exclude=["B.", "c"])
+    assert sorted(singles) == ["a", "d", "e"]
+    with pytest.raises(ValueError, match="cannot make 4 distinct texts from 5 words"):
+        word_sequences(4, ["a", "b", "c", "d", "e"], seed=0, max_words=1, exclude=["B.", "c"])
+
+
+def test_word_sequences_reject_bad_arguments():
+    for kwargs, message in (({"words": []}, "words must hold at least one word"),
+                            ({"words": ["a"], "min_words": 0}, "need 1 <= min_words <= max_words"),
+                            ({"words": ["a"], "min_words": 3, "max_words": 2}, "need 1 <= min_words <= max_words"),
+                            ({"words": ["a", "b"], "max_words": 1}, "cannot make 3 distinct texts from 2 words")):
+        with pytest.raises(ValueError, match=message):
+            word_sequences(3, **kwargs)
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        word_sequences(-1, ["a"])
+
+
+def byte_level_tokenizer_dir(path, tokens):
+    """A tokenizer directory whose tokens are ``tokens`` ("Ġ" = a leading space, as byte-level BPE writes it)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(["[UNK]", *tokens])}, unk_token="[UNK]"))
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    return str(path)
+
+
+def test_read_words_from_a_tokenizer_a_word_list_and_both(tmp_path):
+    tokenizer = byte_level_tokenizer_dir(tmp_path / "tok", ["Ġthe", "Ġcon", "ing", "Ġab", "ĠThe", "ĠcafÃ©", "Ġx1",
+                                                            "Ġsteer", "Ġmixture"])
+    assert make_speech.read_words([tokenizer]) == ["the", "con", "steer", "mixture"]
+    (tmp_path / "dict.txt").write_text("mixture\nthe\nsteer\nrouter\nthe\nna\u00efve\nEmma\nrouter's\nan\n")
+    assert make_speech.read_words([str(tmp_path / "dict.txt")]) == ["mixture", "the", "steer", "router"]
+    assert make_speech.read_words([tokenizer, str(tmp_path / "dict.txt")]) == ["the", "steer", "mixture"]
+    assert make_speech.read_words([str(tmp_path / "dict.txt"), tokenizer]) == ["mixture", "the", "steer"]
+    (tmp_path / "other.txt").write_text("router\nEmma\n")
+    with pytest.raises(ValueError, match="no word is in all of them"):
+        make_speech.read_words([tokenizer, str(tmp_path / "other.txt")])
+    (tmp_path / "names.txt").write_text("Emma\nab\n")
+    with pytest.raises(ValueError, match="names.txt: no words"):
+        make_speech.read_words([str(tmp_path / "names.txt")])
+    assert make_speech.read_words([tokenizer, str(tmp_path / "dict.txt")], limit=2) == ["the", "steer"]
+
+
+def test_main_speaks_words_after_the_prompts_and_checks_their_flags(tmp_path, monkeypatch, capsys):
+    import pyarrow as pa
+
+    spoken = []
+    monkeypatch.setattr(make_speech, "build_table",
+                        lambda utterances, telephone=False: spoken.extend(utterances) or pa.table({"x": [1]}))
+    (tmp_path / "words.txt").write_text("alpha\nbravo\ncharlie\ndelta\n")
+    (tmp_path / "extra.txt").write_text("Press one.\n")
+    out = str(tmp_path / "x.parquet")
+    make_speech.main(["--prompts", "60", "--words", "12", "--word-source", str(tmp_path / "words.txt"),
+                      "--word-limit", "3", "--texts", str(tmp_path / "extra.txt"), "--seed", "4", "--voices", "en-us",
+                      "--output", out])
+    prompts, three = telephone_prompts(60, seed=4), ["alpha", "bravo", "charlie"]     # prompts 27-29: these three
+    assert [u.text for u in spoken] == prompts + word_sequences(12, three, seed=4, exclude=prompts) + ["Press one."]
+    assert set(three) & set(word_sequences(12, three, seed=4))        # without the prompts excluded, one repeats
+    assert "--words: 12 texts from 3 words" in capsys.readouterr().out
+    for bad, message in ((["--words", "2"], "--words needs --word-source"),
+                         (["--words", "-1"], "--words must be >= 0"),
+                         (["--words", "2", "--word-source", str(tmp_path / "missing")], "no such file or directory"),
+                         (["--word-source", str(tmp_path / "words.txt")], "--word-source needs --words"),
+                         (["--words", "2", "--word-source", str(tmp_path / "extra.txt")], "extra.txt: no words"),
+                         (["--words", "2", "--word-source", str(tmp_path / "words.txt"), "--word-limit", "0"],
+                          "--word-limit must be >= 1")):
+        with pytest.raises(SystemExit):
+            make_speech.main([*bad, "--output", out])
+        assert message in capsys.readouterr().err
 
 
 def test_templated_sentences_reject_bad_templates():

@@ -4,14 +4,15 @@
     python -m steermoe.demo.make_speech --sentences 800 --voices en-us,en-gb+f3,en-gb-scotland+m3 \\
         --texts train.parquet --seed 0 --output espeak_train.parquet                  # training speech
 
-Without ``--sentences`` / ``--prompts`` / ``--texts`` it writes the demo set: ``SENTENCES`` spoken by two voices at
-two speeds.
+Without ``--sentences`` / ``--prompts`` / ``--words`` / ``--texts`` it writes the demo set: ``SENTENCES`` spoken by
+two voices at two speeds.
 ``--sentences N`` adds N templated everyday sentences (:func:`steermoe.demo.sentences.templated_sentences`),
 ``--prompts N`` N telephone-system texts (:func:`steermoe.demo.sentences.telephone_prompts`: every letter, number,
-month, symbol name... once, then templated prompts), ``--texts`` the transcripts of a parquet file's ``text`` column
-or of a text file (one sentence a line); each of those gets a seeded voice, speed and pitch. ``--exclude`` names
-held-out transcripts (same formats) that are never spoken: the templates skip them, ``--texts`` lines equal to one
-are dropped. Voices are espeak-ng's (``en-us``, ``en-gb+f3``: formant synthesis) or flite's
+month, symbol name... once, then templated prompts), ``--words N`` N texts of 1-6 words drawn from ``--word-source``
+(:func:`read_words`, :func:`steermoe.demo.sentences.word_sequences`), ``--texts`` the transcripts of a parquet
+file's ``text`` column or of a text file (one sentence a line); each of those gets a seeded voice, speed and pitch.
+``--exclude`` names held-out transcripts (same formats) that are never spoken: the generators skip them, ``--texts``
+lines equal to one are dropped. Voices are espeak-ng's (``en-us``, ``en-gb+f3``: formant synthesis) or flite's
 (``FLITE_VOICES``: CMU voices built from one recorded speaker each); ``--voices`` takes both kinds in one list.
 ``--telephone`` passes every utterance through a telephone channel (:func:`telephone_channel`: 8 kHz band limit
 and G.711 μ-law, back at 16 kHz). Audio is resampled to 16 kHz and stored as FLAC bytes in the schema Hugging Face
@@ -218,6 +219,38 @@ def read_texts(path: str, column: str = "text") -> List[str]:
     return [v.strip() for v in values if isinstance(v, str) and v.strip()]
 
 
+def _is_word(text: str) -> bool:
+    """3+ lower-case ASCII letters: a word flite and espeak-ng speak as written (no names, no accents)."""
+    return len(text) >= 3 and text.isascii() and text.isalpha() and text.islower()
+
+
+def read_words(paths: Sequence[str], limit: Optional[int] = None) -> List[str]:
+    """Words to draw ``--words`` texts from: the words of the first path that every other path holds too, in the
+    first's order, the first ``limit`` of them (all when None). A path is a tokenizer directory (its tokens that
+    decode to a space and a word, in token-id order: about frequency order for BPE; a SentencePiece tokenizer, which
+    decodes one token without its space, has none) or a text file (its lines that are words, e.g.
+    /usr/share/dict/words: after a tokenizer it keeps the tokenizer's word pieces out). A word is 3+ lower-case ASCII
+    letters. Raises ``ValueError`` naming the path when a source, or what all of them hold, has no word."""
+    sources = []
+    for path in paths:
+        if os.path.isdir(path):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+            words = [p[1:] for p in pieces if p[:1] == " " and _is_word(p[1:])]
+        else:
+            words = [w for w in read_texts(path) if _is_word(w)]
+        if not words:
+            raise ValueError(f"{path}: no words (3+ lower-case ASCII letters; for a tokenizer, a space and a word)")
+        sources.append(words)
+    others = [set(words) for words in sources[1:]]
+    words = list(dict.fromkeys(w for w in sources[0] if all(w in other for other in others)))
+    if not words:
+        raise ValueError(f"{', '.join(paths)}: no word is in all of them")
+    return words if limit is None else words[:limit]
+
+
 def build_table(utterances: Optional[Sequence[Utterance]] = None, telephone: bool = False):
     """``utterances`` (default: the demo set) synthesised (through :func:`telephone_channel` when ``telephone``),
     as a pyarrow Table in the ``datasets`` Audio schema."""
@@ -243,7 +276,7 @@ def _csv(kind):
 def main(argv=None) -> None:
     import pyarrow.parquet as pq
 
-    from steermoe.demo.sentences import plain_words, telephone_prompts, templated_sentences
+    from steermoe.demo.sentences import plain_words, telephone_prompts, templated_sentences, word_sequences
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="parquet file to write")
@@ -251,6 +284,15 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=0,
                         help="telephone-system texts to speak after the sentences: every letter, number word, month, "
                              "symbol name, ... once, then templated voicemail / conference / queue prompts")
+    parser.add_argument("--words", type=int, default=0,
+                        help="texts of 1-6 words drawn from --word-source to speak after the prompts (to hear words "
+                             "outside the templates, with no context to guess them from)")
+    parser.add_argument("--word-source", action="append", default=[],
+                        help="where --words draws from: a tokenizer directory (its whole-word tokens) or a text "
+                             "file (one word a line); repeated, the first's words that the others hold too, in the "
+                             "first's order (give the tokenizer first)")
+    parser.add_argument("--word-limit", type=int, default=10000,
+                        help="draw from the first this many words (a tokenizer's most frequent when it comes first)")
     parser.add_argument("--exclude", action="append", default=[],
                         help="never speak these transcripts (a held-out set's): a parquet file or a text file, as "
                              "--texts; may be repeated")
@@ -260,24 +302,33 @@ def main(argv=None) -> None:
     parser.add_argument("--voices", type=_csv(str), default=list(TRAIN_VOICES),
                         help="comma-separated voices: espeak-ng's 'language[+variant]' or flite's 'flite:NAME' "
                              f"({', '.join(FLITE_VOICES)})")
-    parser.add_argument("--speeds", type=_csv(int), default=list(TRAIN_SPEEDS), help="words per minute, comma-separated")
+    parser.add_argument("--speeds", type=_csv(int), default=list(TRAIN_SPEEDS),
+                        help="words per minute, comma-separated")
     parser.add_argument("--pitches", type=_csv(int), default=list(TRAIN_PITCHES), help="0-99, comma-separated")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sentences and each one's voice")
     parser.add_argument("--id-prefix", default="espeak",
                         help="ids of the generated utterances: '<prefix>-00000', ... (whichever engine speaks them); "
-                             "give each set mixed into one run its own prefix (with --sentences, --prompts or "
-                             "--texts)")
+                             "give each set mixed into one run its own prefix (with --sentences, --prompts, "
+                             "--words or --texts)")
     parser.add_argument("--telephone", action="store_true",
                         help="pass the speech through a telephone channel (8 kHz band limit, G.711 mu-law)")
     parser.add_argument("--row-group-size", type=int, default=64, help="rows per parquet row group")
     args = parser.parse_args(argv)
-    for flag in ("sentences", "prompts"):
+    for flag in ("sentences", "prompts", "words"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag} must be >= 0; got {getattr(args, flag)}")
-    generated = args.sentences or args.prompts or args.texts
+    if args.word_limit < 1:
+        parser.error(f"--word-limit must be >= 1; got {args.word_limit}")
+    if bool(args.words) != bool(args.word_source):
+        parser.error("--words needs --word-source (a tokenizer directory or a text file of words)" if args.words
+                     else "--word-source needs --words (how many texts to draw from it)")
+    for path in args.word_source:
+        if not os.path.exists(path):
+            parser.error(f"--word-source: no such file or directory: {path}")
+    generated = args.sentences or args.prompts or args.words or args.texts
     if args.id_prefix != "espeak" and not generated:
-        parser.error("--id-prefix names generated utterances: it needs --sentences, --prompts or --texts (the demo "
-                     "set's ids are fixed)")
+        parser.error("--id-prefix names generated utterances: it needs --sentences, --prompts, --words or --texts "
+                     "(the demo set's ids are fixed)")
     if not args.id_prefix.strip() or "~" in args.id_prefix:
         parser.error(f"--id-prefix must be non-blank and without '~' (marks a repeated row's copy); got "
                      f"{args.id_prefix!r}")
@@ -294,6 +345,13 @@ def main(argv=None) -> None:
         held_out = [text for path in args.exclude for text in read_texts(path)]
         texts = templated_sentences(args.sentences, seed=args.seed, exclude=held_out)
         texts += telephone_prompts(args.prompts, seed=args.seed, exclude=held_out)
+        if args.words:
+            try:
+                words = read_words(args.word_source, args.word_limit)
+            except ValueError as err:
+                parser.error(f"--word-source: {err}")
+            texts += word_sequences(args.words, words, seed=args.seed, exclude=[*held_out, *texts])
+            print(f"--words: {args.words} texts from {len(words)} words of {', '.join(args.word_source)}")
         given = [text for path in args.texts for text in read_texts(path)]
         dropped = {plain_words(text) for text in held_out}
         kept = [text for text in given if plain_words(text) not in dropped]

@@ -2,17 +2,20 @@
 
     templated_sentences(500, seed=0)    # 500 distinct everyday sentences, the same for the same seed
     telephone_prompts(500, seed=0)      # 500 distinct telephone-system prompts and single words
+    word_sequences(500, words, seed=0)  # 500 distinct runs of 1-6 words drawn from a word list
 
 Each sentence fills one of ``TEMPLATES`` with words drawn from ``VOCABULARY``: everyday statements, questions,
 requests, dates, times, numbers and spoken-menu phrases, so that a model trained on them meets a broad
 vocabulary, digits spoken as words, and the phrasing of telephone prompts. :func:`telephone_prompts` speaks the
 single words a telephone system says on their own (:data:`CLOSED_CLASSES`: every letter, phonetic-alphabet word,
 number and ordinal word, month, day and symbol name, each once) and then its prompts (:data:`PROMPT_TEMPLATES`:
-voicemail, conference bridge, queue). Both skip the texts they are told to ``exclude`` (a held-out set's).
+voicemail, conference bridge, queue). :func:`word_sequences` strings together words of a large list (a tokenizer's
+whole words: make_speech's ``--word-source``), so that the model hears words no template holds and cannot guess them
+from the context. All three skip the texts they are told to ``exclude`` (a held-out set's).
 """
 import random
 import re
-from typing import Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Sequence
 
 VOCABULARY: Dict[str, Sequence[str]] = {
     "name": ("Anna", "Ben", "Carlos", "Diana", "Emma", "Frank", "Grace", "Henry", "Isabel", "James", "Karen",
@@ -180,6 +183,24 @@ def plain_words(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9']+", " ", text.lower()).split())
 
 
+def _distinct(n: int, draw: Callable[[], str], exclude: Iterable[str], what: str) -> List[str]:
+    """The first ``n`` texts of ``draw()`` that differ from each other and from ``exclude`` as :func:`plain_words`;
+    ``ValueError`` when ``100 n + 1000`` draws do not give them."""
+    seen = {plain_words(text) for text in exclude}
+    out: List[str] = []
+    for _ in range(100 * n + 1000):
+        if len(out) == n:
+            break
+        text = draw()
+        key = plain_words(text)
+        if key not in seen:
+            seen.add(key)
+            out.append(text)
+    if len(out) < n:
+        raise ValueError(f"cannot make {n} distinct {what} (made {len(out)})")
+    return out
+
+
 def templated_sentences(n: int, seed: int = 0, templates: Sequence[str] = TEMPLATES,
                         vocabulary: Dict[str, Sequence[str]] = VOCABULARY, exclude: Iterable[str] = ()) -> List[str]:
     """``n`` distinct sentences from ``templates`` and ``vocabulary``, deterministic for ``seed``, none equal to a
@@ -193,26 +214,18 @@ def templated_sentences(n: int, seed: int = 0, templates: Sequence[str] = TEMPLA
     if isinstance(templates, str) or not templates:
         raise ValueError(f"templates must be a non-empty sequence of strings; got {templates!r}")
     rng = random.Random(seed)
-    out: List[str] = []
-    seen = {plain_words(text) for text in exclude}
     order: List[str] = []
-    attempts = 0
-    while len(out) < n:
-        attempts += 1
-        if attempts > 100 * n + 1000:
-            raise ValueError(f"cannot make {n} distinct sentences from the templates (made {len(out)})")
+
+    def draw() -> str:
         if not order:
-            order = list(templates)
+            order.extend(templates)
             rng.shuffle(order)
         template = order.pop()
         sentence = _FIELD.sub(lambda m: rng.choice(vocabulary[m.group(1)]), template)
-        if template.endswith((".", "?")):      # a sentence; a fragment ("{digit} {digit}") stays as drawn
-            sentence = _capitalise(sentence)
-        key = plain_words(sentence)
-        if key not in seen:
-            seen.add(key)
-            out.append(sentence)
-    return out
+        # a sentence starts with a capital; a fragment ("{digit} {digit}") stays as drawn
+        return _capitalise(sentence) if template.endswith((".", "?")) else sentence
+
+    return _distinct(n, draw, exclude, "sentences from the templates")
 
 
 def telephone_prompts(n: int, seed: int = 0, exclude: Iterable[str] = ()) -> List[str]:
@@ -228,3 +241,23 @@ def telephone_prompts(n: int, seed: int = 0, exclude: Iterable[str] = ()) -> Lis
             words.append(word)
     words = words[:n]
     return words + templated_sentences(n - len(words), seed, PROMPT_TEMPLATES, PROMPT_VOCABULARY, exclude=seen)
+
+
+def word_sequences(n: int, words: Sequence[str], seed: int = 0, min_words: int = 1, max_words: int = 6,
+                   exclude: Iterable[str] = ()) -> List[str]:
+    """``n`` distinct texts of ``min_words``..``max_words`` words (a uniform count), each drawn uniformly from the
+    distinct words of ``words`` (as :func:`plain_words` writes them: lower case, no punctuation; an entry that it
+    splits stays one draw), deterministic for ``seed``; none equal to a text of ``exclude``.
+
+    Raises ``ValueError`` when ``n`` is not an int >= 0, ``words`` holds no word, the counts are not
+    1 <= min_words <= max_words, or ``100 n + 1000`` draws do not give ``n`` distinct texts.
+    """
+    _check_count(n)
+    vocabulary = sorted({plain_words(word) for word in words} - {""})
+    if not vocabulary:
+        raise ValueError(f"words must hold at least one word; got {list(words)[:5]!r}")
+    if not (isinstance(min_words, int) and isinstance(max_words, int) and 1 <= min_words <= max_words):
+        raise ValueError(f"need 1 <= min_words <= max_words; got {min_words!r}, {max_words!r}")
+    rng = random.Random(seed)
+    return _distinct(n, lambda: " ".join(rng.choice(vocabulary) for _ in range(rng.randint(min_words, max_words))),
+                     exclude, f"texts from {len(vocabulary)} words")

@@ -1,4 +1,4 @@
-"""Triton kernels for SteerMoE and their launchers (installed as ``steermoe.kernels``).
+"""Triton kernels for SteerMoE and their launchers.
 
 ``INTERPRET`` records whether ``TRITON_INTERPRET=1`` was set when the kernels were decorated (then they run
 on CPU tensors in Triton's interpreter). No autograd here: see :mod:`steermoe.ops`.
