@@ -106,6 +106,9 @@ class TrainConfig:
     z_loss_weight: float = _key(0.0, "weight of the router z-loss: mean logsumexp(router logits)^2")
     speed_perturb: float = _key(0.0, "speed perturbation: each training utterance played at a speed uniform in "
                                      "[1 - p, 1 + p] (steermoe.augment)")
+    ema_decay: float = _key(0.0, "moving average of the trainable parameters (steermoe.ema), in [0, 1) (0: off); "
+                                 "evaluations and checkpoints then use the averages, and the trained values are "
+                                 "evaluated too (eval_online/*)")
     spec_time_masks: int = _key(0, "SpecAugment time masks per training utterance (steermoe.augment)")
     spec_time_width: int = _key(0, "widest time mask, in 10 ms frames (at most a fifth of the utterance)")
     spec_freq_masks: int = _key(0, "SpecAugment frequency masks per training utterance")
@@ -169,6 +172,7 @@ class Config:
         _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "in [0, 1]", t.min_lr_ratio)
         _require(0 <= t.speed_perturb < MAX_SPEED_PERTURB, "train.speed_perturb", f"in [0, {MAX_SPEED_PERTURB})",
                  t.speed_perturb)
+        _require(0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1) (0: off)", t.ema_decay)
         _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
                  "two numbers in [0, 1)", t.betas)
         _require(t.parallel in ("ddp", "fsdp"), "train.parallel", "ddp or fsdp", t.parallel)

@@ -41,6 +41,7 @@ from .checkpoint import (CheckpointError, check_output_dir, load_training_state,
                          save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
 from .distributed import StopSignals, all_reduce_gradients, check_parallel, placeholder_batch, shard_frozen_bases
+from .ema import ParameterEMA
 from .fileio import METRICS_FILE, atomic_write_text, read_metrics  # noqa: F401 - read_metrics: re-exported
 
 
@@ -376,6 +377,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
         print(f"fsdp: rank {env.rank} holds {held['sharded_local']} of the {held['sharded_total']} bytes of the "
               f"sharded layers' weights, and {held['whole']} bytes of frozen weights kept whole", flush=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # the moving average (train.ema_decay): what evaluations see and checkpoints hold; the trained values resume
+    ema = ParameterEMA(trainable, tc.ema_decay) if tc.ema_decay > 0 else None
 
     # ---- optimizer (one LR per group); the schedule (warmup, then cosine to max_steps) is built at the start step
     optimizer = build_optimizer(model.trainable_parameter_groups(), tc, model.decayed_parameters())
@@ -400,6 +403,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
             raise CheckpointError(f"cannot resume {resume_from}: {err}") from None
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
         step, nonfinite_total, nonfinite_in_a_row = state["step"], state["nonfinite_total"], state["nonfinite_in_a_row"]
         progress.step, progress.checkpoint_step, progress.checkpoint = step, step, resume_from
@@ -437,24 +442,37 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
             bar.write(message)
     normalize = text_normalizer(m.whisper)
 
+    def evaluate_now():
+        source = open_source(cfg.data, cfg.data.eval, for_eval=True)
+        return evaluate(model, eval_batches(source, tc.eval_batch_size, limit=tc.eval_utterances),
+                        normalize=normalize, max_new_tokens=m.max_new_tokens,
+                        total=min(source.num_rows, tc.eval_utterances), progress=None if env.is_main else False)
+
     def run_eval(at_step: int) -> Optional[Dict[str, Any]]:
         """Greedy WER/CER on the first ``eval_utterances`` of ``data.eval`` (main process; others wait, or under
-        fsdp, whose layers every process must gather together, evaluate the same utterances alongside)."""
+        fsdp, whose layers every process must gather together, evaluate the same utterances alongside). With a
+        moving average, of the averages (``eval/*``), and of the trained values (``eval_online/*``)."""
         summary = None
         if (env.is_main or fsdp) and cfg.data.eval:
-            source = open_source(cfg.data, cfg.data.eval, for_eval=True)
-            summary = evaluate(model, eval_batches(source, tc.eval_batch_size, limit=tc.eval_utterances),
-                               normalize=normalize, max_new_tokens=m.max_new_tokens,
-                               total=min(source.num_rows, tc.eval_utterances), progress=None if env.is_main else False)
+            online = None
+            if ema is not None:
+                online = evaluate_now()
+                with ema.swapped():
+                    summary = evaluate_now()
+            else:
+                summary = evaluate_now()
             gating = summary["gating"]["layers"] if summary["gating"] else []
             log.write({"step": at_step, **{f"eval/{k}": v for k, v in summary.items() if k != "gating"},
                        **{f"eval/router/{k}": [round(layer[k], 5) for layer in gating]
                           for k in ("usage_entropy", "top_share")},
                        # per steered layer (keyed by its index), each expert's mean gate: steermoe plot's heatmap
                        "eval/router/usage": {str(layer["layer"]): [round(u, 5) for u in layer["usage"]]
-                                             for layer in gating}})
+                                             for layer in gating},
+                       **({f"eval_online/{k}": online[k] for k in ("loss", "wer", "cer")} if online else {})})
+            averaged = f" (moving average; trained values: WER {online['wer']:.2%} CER {online['cer']:.2%} loss " \
+                       f"{online['loss']:.4f})" if online else ""
             say(f"step {at_step}: eval WER {summary['wer']:.2%} CER {summary['cer']:.2%} "
-                      f"loss {summary['loss']:.4f} on {summary['utterances']} utterances")
+                f"loss {summary['loss']:.4f} on {summary['utterances']} utterances{averaged}")
         env.barrier()
         return summary
 
@@ -467,7 +485,12 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
                      "scaler": scaler.state_dict(),
                      "data": train_batches.state_dict(), "rng": rng_state(), "nonfinite_total": nonfinite_total,
                      "nonfinite_in_a_row": nonfinite_in_a_row}
-            path = save_checkpoint(cfg.output_dir, step, model, state, keep=tc.keep_checkpoints)
+            if ema is None:
+                path = save_checkpoint(cfg.output_dir, step, model, state, keep=tc.keep_checkpoints)
+            else:       # the saved weights are the averages; the training state holds the trained values
+                state["ema"] = ema.state_dict()
+                with ema.swapped():
+                    path = save_checkpoint(cfg.output_dir, step, model, state, keep=tc.keep_checkpoints)
         env.barrier()
         return path
 
@@ -541,6 +564,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
         stepped = math.isfinite(loss) and math.isfinite(grad_norm)   # the same on every process: grads are all-reduced
         if stepped:
             scaler.step(optimizer)
+            if ema is not None:
+                ema.update()
             nonfinite_in_a_row = 0
         else:
             nonfinite_total += 1

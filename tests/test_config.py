@@ -97,6 +97,9 @@ def test_unknown_key_without_a_near_one_suggests_nothing(tmp_path):
     ("train.parallel=zero3", "train.parallel"),
     ("train.z_loss_weight=-0.1", "train.z_loss_weight"),
     ("train.z_loss_weight=.nan", "train.z_loss_weight"),
+    ("train.ema_decay=1", "train.ema_decay"),
+    ("train.ema_decay=-0.5", "train.ema_decay"),
+    ("train.ema_decay=.nan", "train.ema_decay"),
     ("model.max_tokens_per_second=0", "model.max_tokens_per_second"),
     ("model.max_tokens_per_second=.nan", "model.max_tokens_per_second"),
 ])

@@ -630,3 +630,39 @@ def test_resume_refuses_a_config_that_changes_the_run_and_takes_safe_changes(tmp
     result = train(tiny_config(out, batch_size=2, max_steps=3, log_every=1, save_every=1), resume=True)
     assert result["step"] == 3 and [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2, 3]
     assert load_config(str(out / "config.yaml")).train.max_steps == 3
+
+
+def test_a_moving_average_leaves_training_alone_and_checkpoints_the_average_of_the_trained_values(tmp_path):
+    decay = 0.6
+    kw = dict(data="rows5", batch_size=2, max_steps=4, save_every=1)
+    train(tiny_config(tmp_path / "plain", **kw))
+    train(tiny_config(tmp_path / "ema", ema_decay=decay, **kw))
+    assert losses(tmp_path / "ema") == losses(tmp_path / "plain")
+    for step in (2, 3, 4):           # average after step n = r · average after step n − 1 + (1 − r) · trained values
+        keep = min(decay, step / (9 + step))
+        before, trained = trained_weights(tmp_path / "ema", step - 1), trained_weights(tmp_path / "plain", step)
+        after = trained_weights(tmp_path / "ema", step)
+        for key in after:
+            expected = keep * before[key].double() + (1 - keep) * trained[key].double()
+            torch.testing.assert_close(after[key].double(), expected, rtol=1e-6, atol=1e-7)
+        assert any(not torch.equal(after[key], trained[key]) for key in after)
+        # the training state holds the trained values, for resuming
+        held = load_training_state(step_dir(str(tmp_path / "ema"), step))["ema"]
+        assert held["updates"] == step and len(held["trained"]) == len(trained)
+        assert all(any(torch.equal(t, w) for w in trained.values()) for t in held["trained"])
+
+
+def test_a_run_with_a_moving_average_resumed_reproduces_the_uninterrupted_one_and_evaluates_both(tmp_path,
+                                                                                                 monkeypatch, capfd):
+    train_straight_and_killed(tmp_path, monkeypatch, 2, data="rows5", batch_size=2, max_steps=4, save_every=2,
+                              ema_decay=0.7, extra=[f"data.eval={tiny_assets()['rows4']}", "train.eval_every=2"])
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    assert_same_trained_weights(tmp_path / "straight", tmp_path / "killed")
+    straight, killed = (load_training_state(latest_checkpoint(str(tmp_path / d)))["ema"] for d in ("straight", "killed"))
+    assert straight["updates"] == killed["updates"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(straight["trained"], killed["trained"]))
+    records = [r for r in read_metrics(str(tmp_path / "straight" / "metrics.jsonl")) if "eval/wer" in r]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all({"eval_online/wer", "eval_online/cer", "eval_online/loss"} <= r.keys() for r in records)
+    assert records[-1]["eval/loss"] != records[-1]["eval_online/loss"]
+    assert "(moving average; trained values: WER " in capfd.readouterr().out
