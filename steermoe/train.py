@@ -380,6 +380,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
     # the moving average (train.ema_decay): what evaluations see and checkpoints hold; the trained values resume
     ema = ParameterEMA(trainable, tc.ema_decay) if tc.ema_decay > 0 else None
 
+    def with_averages():
+        """The moving averages in the trainable parameters inside the block (no-op without ``train.ema_decay``)."""
+        return ema.swapped() if ema is not None else contextlib.nullcontext()
+
     # ---- optimizer (one LR per group); the schedule (warmup, then cosine to max_steps) is built at the start step
     optimizer = build_optimizer(model.trainable_parameter_groups(), tc, model.decayed_parameters())
     # float16 frozen weights: scale the loss so the backward through them does not underflow; a step whose
@@ -454,12 +458,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
         moving average, of the averages (``eval/*``), and of the trained values (``eval_online/*``)."""
         summary = None
         if (env.is_main or fsdp) and cfg.data.eval:
-            online = None
-            if ema is not None:
-                online = evaluate_now()
-                with ema.swapped():
-                    summary = evaluate_now()
-            else:
+            online = evaluate_now() if ema is not None else None
+            with with_averages():
                 summary = evaluate_now()
             gating = summary["gating"]["layers"] if summary["gating"] else []
             log.write({"step": at_step, **{f"eval/{k}": v for k, v in summary.items() if k != "gating"},
@@ -485,12 +485,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stop_signals: StopSignals
                      "scaler": scaler.state_dict(),
                      "data": train_batches.state_dict(), "rng": rng_state(), "nonfinite_total": nonfinite_total,
                      "nonfinite_in_a_row": nonfinite_in_a_row}
-            if ema is None:
-                path = save_checkpoint(cfg.output_dir, step, model, state, keep=tc.keep_checkpoints)
-            else:       # the saved weights are the averages; the training state holds the trained values
+            if ema is not None:     # the saved weights are the averages; the training state holds the trained values
                 state["ema"] = ema.state_dict()
-                with ema.swapped():
-                    path = save_checkpoint(cfg.output_dir, step, model, state, keep=tc.keep_checkpoints)
+            with with_averages():
+                path = save_checkpoint(cfg.output_dir, step, model, state, keep=tc.keep_checkpoints)
         env.barrier()
         return path
 
